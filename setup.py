@@ -1,0 +1,33 @@
+"""dpo_jax: Direct Preference Optimization (Rafailov et al., 2023) in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dpo_jax",
+    version="0.1.0",
+    description="Direct Preference Optimization in JAX: faithful, fast, hackable.",
+    packages=find_packages(include=["dpo_jax", "dpo_jax.*", "configs", "experiments"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy",
+        "tensorboardX>=2.6",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist",
+            "hypothesis",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
+        "notebooks": ["ipywidgets", "jupyter"],
+    },
+)
