@@ -1,0 +1,1 @@
+"""dpo_jax: Direct Preference Optimization in JAX."""

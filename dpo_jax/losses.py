@@ -1,0 +1,212 @@
+"""Preference losses and metrics from sequence log-probs: the only place the loss math lives.
+
+Every loss maps a `PairLogps` (summed completion log-probs of the policy and the reference
+for chosen y_w and rejected y_l, and the completion lengths) plus `LossParams` to one loss
+per pair. Notation (DESIGN.md): h = log π_θ(y|x) − log π_ref(y|x), Δ = h_w − h_l,
+implicit reward r̂ = β·h. `−log σ(x)` is computed as `softplus(−x)` for stability.
+
+Register a new variant with `@register_loss("name", needs_reference=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class PairLogps(NamedTuple):
+    """Per-pair sequence log-probs (float32 [B]) and completion lengths (tokens, [B])."""
+
+    policy_chosen: jax.Array
+    policy_rejected: jax.Array
+    reference_chosen: jax.Array
+    reference_rejected: jax.Array
+    chosen_lengths: jax.Array
+    rejected_lengths: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossParams:
+    """Hyper-parameters shared by the loss variants (each variant reads the ones it needs)."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # ε: cdpo / robust label-noise rate
+    reference_free: bool = False  # π_ref ≡ 1: the reference log-probs are taken as 0
+    alpha: float = 1.0  # unlikelihood weight on y_l; rdpo length coefficient; rpo NLL weight
+    gamma: float = 0.5  # simpo target margin
+    orpo_lambda: float = 0.1  # orpo odds-ratio weight
+
+
+class LossSpec(NamedTuple):
+    fn: Callable[[PairLogps, LossParams], jax.Array]
+    needs_reference: bool
+
+
+_LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, needs_reference: bool = True):
+    """Decorator adding a per-pair loss `fn(logps, params) -> losses_B` to the registry."""
+
+    def decorate(fn):
+        _LOSSES[name] = LossSpec(fn, needs_reference)
+        return fn
+
+    return decorate
+
+
+def loss_names() -> list[str]:
+    """All registered loss names, sorted."""
+    return sorted(_LOSSES)
+
+
+def get_loss(name: str) -> LossSpec:
+    """The registered loss `name`; unknown names fail with the list of valid ones."""
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(loss_names())}")
+    return _LOSSES[name]
+
+
+def log_ratio_margin(logps: PairLogps) -> jax.Array:
+    """Δ = (log π_w − log π_ref,w) − (log π_l − log π_ref,l) per pair."""
+    return (logps.policy_chosen - logps.reference_chosen) - (
+        logps.policy_rejected - logps.reference_rejected
+    )
+
+
+def _neg_log_sigmoid(x: jax.Array) -> jax.Array:
+    return jax.nn.softplus(-x)
+
+
+@register_loss("dpo")
+def dpo(logps: PairLogps, p: LossParams) -> jax.Array:
+    """−(1−ε)·log σ(βΔ) − ε·log σ(−βΔ); ε=0 is the paper's DPO, ε>0 conservative DPO (cDPO)."""
+    z = p.beta * log_ratio_margin(logps)
+    return (1 - p.label_smoothing) * _neg_log_sigmoid(z) + p.label_smoothing * _neg_log_sigmoid(-z)
+
+
+@register_loss("robust")
+def robust(logps: PairLogps, p: LossParams) -> jax.Array:
+    """Unbiased loss under label-flip rate ε (Chowdhury et al., 2024)."""
+    z = p.beta * log_ratio_margin(logps)
+    eps = p.label_smoothing
+    return ((1 - eps) * _neg_log_sigmoid(z) - eps * _neg_log_sigmoid(-z)) / (1 - 2 * eps)
+
+
+@register_loss("ipo")
+def ipo(logps: PairLogps, p: LossParams) -> jax.Array:
+    """(Δ − 1/(2β))² (Azar et al., 2023), on summed log-probs; β plays IPO's τ."""
+    return (log_ratio_margin(logps) - 1 / (2 * p.beta)) ** 2
+
+
+@register_loss("hinge")
+def hinge(logps: PairLogps, p: LossParams) -> jax.Array:
+    """max(0, 1 − βΔ) (SLiC-style hinge on the log-ratio margin)."""
+    return jax.nn.relu(1 - p.beta * log_ratio_margin(logps))
+
+
+@register_loss("unweighted")
+def unweighted(logps: PairLogps, p: LossParams) -> jax.Array:
+    """−βΔ: the paper's σ-weight ablation (Appendix Table 3); its gradient drops σ(r̂_l − r̂_w)."""
+    return -p.beta * log_ratio_margin(logps)
+
+
+@register_loss("rdpo")
+def rdpo(logps: PairLogps, p: LossParams) -> jax.Array:
+    """−log σ(βΔ + α(|y_w| − |y_l|)): length-regularised DPO as written in DESIGN.md."""
+    length_gap = (logps.chosen_lengths - logps.rejected_lengths).astype(jnp.float32)
+    return _neg_log_sigmoid(p.beta * log_ratio_margin(logps) + p.alpha * length_gap)
+
+
+@register_loss("rpo")
+def rpo(logps: PairLogps, p: LossParams) -> jax.Array:
+    """DPO + α·NLL(y_w)/|y_w| (Pang et al., 2024)."""
+    nll = -logps.policy_chosen / logps.chosen_lengths
+    return dpo(logps, p) + p.alpha * nll
+
+
+@register_loss("unlikelihood", needs_reference=False)
+def unlikelihood(logps: PairLogps, p: LossParams) -> jax.Array:
+    """−log π(y_w) + α·log π(y_l): the paper's Unlikelihood baseline."""
+    return -logps.policy_chosen + p.alpha * logps.policy_rejected
+
+
+@register_loss("simpo", needs_reference=False)
+def simpo(logps: PairLogps, p: LossParams) -> jax.Array:
+    """−log σ(β·lp_w/|y_w| − β·lp_l/|y_l| − γ) (Meng et al., 2024), no reference."""
+    z = (
+        p.beta * logps.policy_chosen / logps.chosen_lengths
+        - p.beta * logps.policy_rejected / logps.rejected_lengths
+        - p.gamma
+    )
+    return _neg_log_sigmoid(z)
+
+
+def _log_odds(mean_token_logp: jax.Array) -> jax.Array:
+    # log(p / (1 − p)) with p = exp(mean_token_logp) < 1.
+    return mean_token_logp - jnp.log(-jnp.expm1(mean_token_logp))
+
+
+@register_loss("orpo", needs_reference=False)
+def orpo(logps: PairLogps, p: LossParams) -> jax.Array:
+    """NLL(y_w)/|y_w| + λ·(−log σ(log-odds_w − log-odds_l)) (Hong et al., 2024), no reference."""
+    mean_w = logps.policy_chosen / logps.chosen_lengths
+    mean_l = logps.policy_rejected / logps.rejected_lengths
+    return -mean_w + p.orpo_lambda * _neg_log_sigmoid(_log_odds(mean_w) - _log_odds(mean_l))
+
+
+@register_loss("sft", needs_reference=False)
+def sft(logps: PairLogps, p: LossParams) -> jax.Array:
+    """Token-mean cross-entropy on the chosen completion: Preferred-FT, which makes π_ref."""
+    del p
+    return -logps.policy_chosen / logps.chosen_lengths
+
+
+def uses_reference(name: str, params: LossParams) -> bool:
+    """Whether loss `name` needs π_ref's log-probs (False skips the reference forward pass)."""
+    return get_loss(name).needs_reference and not params.reference_free
+
+
+def pair_losses(name: str, logps: PairLogps, params: LossParams) -> jax.Array:
+    """Per-pair losses [B] of variant `name`; reference log-probs are zeroed when reference-free."""
+    spec = get_loss(name)
+    if params.reference_free:
+        zeros = jnp.zeros_like(logps.policy_chosen)
+        logps = logps._replace(reference_chosen=zeros, reference_rejected=zeros)
+    return spec.fn(logps, params)
+
+
+def preference_metrics(
+    logps: PairLogps, params: LossParams, losses: jax.Array, weights: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """The standard metrics (reference code / TRL names), weighted means over pairs."""
+    if weights is None:
+        weights = jnp.ones_like(losses)
+    reference_chosen, reference_rejected = logps.reference_chosen, logps.reference_rejected
+    if params.reference_free:
+        reference_chosen = reference_rejected = jnp.zeros_like(logps.policy_chosen)
+    rewards_chosen = params.beta * (logps.policy_chosen - reference_chosen)
+    rewards_rejected = params.beta * (logps.policy_rejected - reference_rejected)
+    per_pair = {
+        "loss": losses,
+        "rewards/chosen": rewards_chosen,
+        "rewards/rejected": rewards_rejected,
+        "rewards/margins": rewards_chosen - rewards_rejected,
+        "rewards/accuracies": (rewards_chosen > rewards_rejected).astype(jnp.float32),
+        "logps/chosen": logps.policy_chosen,
+        "logps/rejected": logps.policy_rejected,
+    }
+    total = jnp.maximum(weights.sum(), 1e-9)
+    return {k: (v * weights).sum() / total for k, v in per_pair.items()}
+
+
+def loss_and_metrics(
+    name: str, logps: PairLogps, params: LossParams, weights: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean loss over pairs and the standard metrics; `weights` [B] masks padded eval rows."""
+    losses = pair_losses(name, logps, params)
+    metrics = preference_metrics(logps, params, losses, weights)
+    return metrics["loss"], metrics
