@@ -1,0 +1,129 @@
+"""Each loss against values computed by hand, the registry's errors, and the metrics."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax import losses
+
+# Two pairs. Pair 0: policy prefers y_w relative to the reference (Δ = 2); pair 1: the reverse (Δ = −1).
+POLICY_W, POLICY_L = [-3.0, -5.0], [-6.0, -4.0]
+REF_W, REF_L = [-4.0, -4.0], [-5.0, -4.0]
+LEN_W, LEN_L = [3.0, 5.0], [4.0, 2.0]
+DELTA = [2.0, -1.0]  # ((−3+4) − (−6+5), (−5+4) − (−4+4))
+
+
+def pair_logps():
+    arrays = (POLICY_W, POLICY_L, REF_W, REF_L, LEN_W, LEN_L)
+    return losses.PairLogps(*(jnp.array(a, jnp.float32) for a in arrays))
+
+
+def neg_log_sigmoid(x):
+    return math.log1p(math.exp(-x))
+
+
+def expected(name, p):
+    """The loss of each pair written out with the math module, one pair at a time."""
+    out = []
+    for i in range(2):
+        d, b, eps = DELTA[i], p.beta, p.label_smoothing
+        lw, ll, nw, nl = POLICY_W[i], POLICY_L[i], LEN_W[i], LEN_L[i]
+        if name == "dpo":
+            out.append((1 - eps) * neg_log_sigmoid(b * d) + eps * neg_log_sigmoid(-b * d))
+        elif name == "robust":
+            out.append(((1 - eps) * neg_log_sigmoid(b * d) - eps * neg_log_sigmoid(-b * d)) / (1 - 2 * eps))
+        elif name == "ipo":
+            out.append((d - 1 / (2 * b)) ** 2)
+        elif name == "hinge":
+            out.append(max(0.0, 1 - b * d))
+        elif name == "unweighted":
+            out.append(-b * d)
+        elif name == "rdpo":
+            out.append(neg_log_sigmoid(b * d + p.alpha * (nw - nl)))
+        elif name == "rpo":
+            dpo = (1 - eps) * neg_log_sigmoid(b * d) + eps * neg_log_sigmoid(-b * d)
+            out.append(dpo + p.alpha * (-lw / nw))
+        elif name == "unlikelihood":
+            out.append(-lw + p.alpha * ll)
+        elif name == "simpo":
+            out.append(neg_log_sigmoid(b * lw / nw - b * ll / nl - p.gamma))
+        elif name == "orpo":
+            odds_w = math.log(math.exp(lw / nw) / (1 - math.exp(lw / nw)))
+            odds_l = math.log(math.exp(ll / nl) / (1 - math.exp(ll / nl)))
+            out.append(-lw / nw + p.orpo_lambda * neg_log_sigmoid(odds_w - odds_l))
+        elif name == "sft":
+            out.append(-lw / nw)
+        else:
+            raise AssertionError(f"no hand-computed value for {name}")
+    return out
+
+
+PARAMS = [
+    losses.LossParams(beta=0.1),
+    losses.LossParams(beta=0.5, label_smoothing=0.2, alpha=0.3, gamma=0.7, orpo_lambda=0.25),
+]
+
+
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("name", losses.loss_names())
+def test_loss_matches_hand_computed(name, params):
+    got = losses.pair_losses(name, pair_logps(), params)
+    np.testing.assert_allclose(got, expected(name, params), rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_hand_numbers():
+    # β=0.1, Δ=2: −log σ(0.2) = log(1 + e^−0.2) = 0.598139...
+    got = losses.pair_losses("dpo", pair_logps(), losses.LossParams(beta=0.1))
+    assert float(got[0]) == pytest.approx(0.5981389, abs=1e-6)
+
+
+def test_dpo_is_log2_when_policy_equals_reference():
+    logps = pair_logps()
+    same = logps._replace(reference_chosen=logps.policy_chosen, reference_rejected=logps.policy_rejected)
+    np.testing.assert_allclose(losses.pair_losses("dpo", same, losses.LossParams()), math.log(2), rtol=1e-6)
+
+
+def test_dpo_falls_as_margin_grows():
+    logps = pair_logps()
+    values = [
+        float(losses.pair_losses("dpo", logps._replace(policy_chosen=logps.policy_chosen + m), losses.LossParams())[0])
+        for m in (-2.0, 0.0, 2.0, 4.0)
+    ]
+    assert values == sorted(values, reverse=True) and len(set(values)) == 4
+
+
+def test_reference_free_zeroes_reference():
+    logps = pair_logps()
+    free = losses.pair_losses("dpo", logps, losses.LossParams(reference_free=True))
+    zero_ref = logps._replace(reference_chosen=jnp.zeros(2), reference_rejected=jnp.zeros(2))
+    np.testing.assert_allclose(free, losses.pair_losses("dpo", zero_ref, losses.LossParams()))
+    assert not losses.uses_reference("dpo", losses.LossParams(reference_free=True))
+    assert losses.uses_reference("dpo", losses.LossParams())
+    assert not losses.uses_reference("simpo", losses.LossParams())
+
+
+def test_unknown_loss_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown loss 'dpoo'.*dpo.*ipo.*unweighted"):
+        losses.get_loss("dpoo")
+
+
+def test_metrics_by_hand():
+    params = losses.LossParams(beta=0.5)
+    loss, metrics = losses.loss_and_metrics("dpo", pair_logps(), params)
+    # rewards: β(π − ref): chosen (0.5, −0.5), rejected (−0.5, 0.0)
+    assert float(metrics["rewards/chosen"]) == pytest.approx(0.0)
+    assert float(metrics["rewards/rejected"]) == pytest.approx(-0.25)
+    assert float(metrics["rewards/margins"]) == pytest.approx(0.25)
+    assert float(metrics["rewards/accuracies"]) == pytest.approx(0.5)
+    assert float(metrics["logps/chosen"]) == pytest.approx(-4.0)
+    assert float(metrics["logps/rejected"]) == pytest.approx(-5.0)
+    assert float(loss) == pytest.approx((neg_log_sigmoid(1.0) + neg_log_sigmoid(-0.5)) / 2, rel=1e-6)
+
+
+def test_metric_weights_ignore_padding_rows():
+    params = losses.LossParams(beta=0.5)
+    _, weighted = losses.loss_and_metrics("dpo", pair_logps(), params, jnp.array([1.0, 0.0]))
+    assert float(weighted["rewards/accuracies"]) == 1.0
+    assert float(weighted["rewards/margins"]) == pytest.approx(1.0)
