@@ -20,7 +20,7 @@ EOS, PAD = TOK.eos_token_id, TOK.pad_token_id
 
 
 def test_tokenizer_round_trip_and_specials():
-    text = "review of the film : great plot and loved it"
+    text = "review of the film : great really and loved the"
     ids = TOK.encode(text)
     assert len(ids) == len(text.split()) and min(ids) > TOK.unk_token_id
     assert TOK.decode(ids) == text
@@ -72,7 +72,7 @@ def test_prompts_and_source_registry():
 
 
 def test_tokenize_pair_mask_eos_padding():
-    ex = {"prompt": "review of the film :", "chosen": "great plot", "rejected": "awful and boring"}
+    ex = {"prompt": "review of the film :", "chosen": "great was", "rejected": "awful and boring"}
     out = tokenize_pair(ex, TOK, max_length=12, max_prompt_length=6)
     p = TOK.encode(ex["prompt"])
     assert not out["truncated"]
@@ -98,10 +98,10 @@ def test_keep_end_and_keep_start_truncate_long_prompt():
 
 
 def test_completion_truncation_keeps_at_least_one_token():
-    ex = {"prompt": "review of the film :", "chosen": "great plot and loved it", "rejected": "awful"}
+    ex = {"prompt": "review of the film :", "chosen": "great really and loved the", "rejected": "awful"}
     out = tokenize_pair(ex, TOK, max_length=7, max_prompt_length=5)
     assert out["truncated"]
-    assert TOK.decode(out["chosen_tokens"]) == "review of the film : great plot"
+    assert TOK.decode(out["chosen_tokens"]) == "review of the film : great really"
     assert out["chosen_loss_mask"].sum() == 2 and EOS not in out["chosen_tokens"]  # EOS cut off.
     assert out["rejected_loss_mask"].sum() == 2 and out["rejected_tokens"][6] == EOS
     short = tokenize_pair(ex, TOK, max_length=6, max_prompt_length=5)

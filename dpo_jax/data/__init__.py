@@ -18,6 +18,10 @@ from dpo_jax.data.tokenizer import WordTokenizer, get_tokenizer, tokenizer_names
 _SOURCES: dict[str, Callable[..., list[dict[str, str]]]] = {
     "synthetic_sentiment": make_preference_pairs,  # kwargs: num_pairs, seed
 }
+# Sources whose completions have a known ground-truth reward (scored on generated samples).
+_GROUND_TRUTH_REWARDS: dict[str, Callable[[str], float]] = {
+    "synthetic_sentiment": ground_truth_reward,
+}
 
 
 def source_names() -> list[str]:
@@ -32,6 +36,12 @@ def load_source(name: str, **kwargs: Any) -> list[dict[str, str]]:
     return _SOURCES[name](**kwargs)
 
 
+
+def ground_truth_reward_fn(name: str) -> Callable[[str], float] | None:
+    """The known reward of completions of source `name`, or None for human-labelled data."""
+    return _GROUND_TRUTH_REWARDS.get(name)
+
+
 __all__ = [
     "ARRAY_KEYS",
     "PreferenceDataset",
@@ -41,6 +51,7 @@ __all__ = [
     "check_truncation_args",
     "get_tokenizer",
     "ground_truth_reward",
+    "ground_truth_reward_fn",
     "load_source",
     "make_preference_pairs",
     "make_prompts",

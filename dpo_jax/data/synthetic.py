@@ -18,19 +18,12 @@ TEMPLATES: tuple[str, ...] = (
     "here is my opinion of the {} :",
 )
 SUBJECTS: tuple[str, ...] = ("film", "restaurant", "book", "hotel", "album", "game", "show", "cafe")
-POSITIVE_WORDS: tuple[str, ...] = (
-    "great", "wonderful", "loved", "excellent", "amazing",
-    "fantastic", "enjoyed", "delightful", "superb", "brilliant",
-)
-NEGATIVE_WORDS: tuple[str, ...] = (
-    "awful", "boring", "hated", "terrible", "bad",
-    "dull", "horrible", "disappointing", "poor", "worst",
-)
-NEUTRAL_WORDS: tuple[str, ...] = (
-    "the", "and", "was", "plot", "food", "it", "service", "story",
-    "very", "really", "music", "place", "is", "with", "staff", "ending",
-)
-MIN_COMPLETION_WORDS, MAX_COMPLETION_WORDS = 4, 6
+POSITIVE_WORDS: tuple[str, ...] = ("great", "loved", "excellent", "amazing", "wonderful")
+NEGATIVE_WORDS: tuple[str, ...] = ("awful", "boring", "hated", "terrible", "dull")
+# Few neutral words, each more frequent than any one sentiment word: a Preferred-FT model then
+# decodes bland greedy completions ("it was the ..."), which leaves DPO visible room to improve.
+NEUTRAL_WORDS: tuple[str, ...] = ("the", "and", "was", "really")
+MIN_COMPLETION_WORDS, MAX_COMPLETION_WORDS = 5, 5
 
 
 def _unique(words) -> list[str]:

@@ -1,0 +1,232 @@
+"""The base config (the paper's defaults) and the one validation of every key.
+
+Config files in configs/ start from `base_config()` and override what their task needs, so each
+default is written once, here. `validate(config)` runs before anything is built or compiled and
+names the offending key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dpo_jax import losses
+
+MODES = ("sft", "dpo", "sft_then_dpo")
+OPTIMIZERS = ("rmsprop", "adamw")
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")
+STAGES = ("sft", "dpo")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The paper's settings (Rafailov et al., 2023, App. B) and the reference code's truncation."""
+    config = ml_collections.ConfigDict()
+    config.mode = "sft_then_dpo"  # sft: Preferred-FT only; dpo: from an SFT checkpoint; both in turn.
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict(
+        dict(
+            family="llama",
+            hidden_size=256,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=64,
+            intermediate_size=768,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-6,
+            tie_embeddings=False,
+            dtype="float32",
+        )
+    )
+    config.data = ml_collections.ConfigDict(
+        dict(
+            source="synthetic_sentiment",
+            tokenizer="synthetic_words",
+            num_train_pairs=4096,
+            num_eval_pairs=256,
+            num_eval_prompts=64,
+            max_length=512,  # reference code: pairs truncated to 512 tokens ...
+            max_prompt_length=256,  # ... prompts to 256, keeping the END of the prompt.
+            truncation_mode="keep_end",
+        )
+    )
+    config.loss = ml_collections.ConfigDict(
+        dict(
+            name="dpo",
+            beta=0.1,  # paper: 0.1 (0.5 for TL;DR)
+            label_smoothing=0.0,
+            reference_free=False,
+            alpha=1.0,
+            gamma=0.5,
+            orpo_lambda=0.1,
+        )
+    )
+    config.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="rmsprop",  # paper: RMSprop, as torch.optim.RMSprop defaults (decay 0.99, eps 1e-8).
+            schedule="constant",  # paper: linear warmup then constant.
+            max_grad_norm=10.0,
+            weight_decay=0.0,
+        )
+    )
+    # Each stage has its own length and learning rate; Preferred-FT usually wants a larger one.
+    config.sft = ml_collections.ConfigDict(dict(num_steps=1000, learning_rate=1e-6, warmup_steps=150))
+    config.dpo = ml_collections.ConfigDict(
+        dict(
+            num_steps=1000,
+            learning_rate=1e-6,
+            warmup_steps=150,
+            # mode=dpo: the workdir of an SFT run (its sft/checkpoints) whose final params become
+            # both π_ref and the policy's start. Empty: the freshly initialised params.
+            reference_workdir="",
+        )
+    )
+    config.train = ml_collections.ConfigDict(
+        dict(
+            batch_size=64,  # pairs per optimizer step (paper: 64)
+            grad_accum_steps=1,  # micro-batches per step; same update as the full batch
+            eval_batch_size=64,
+            log_every=10,
+            eval_every=100,
+            checkpoint_every=100,
+            keep_checkpoints=2,
+            logprob_chunk_size=128,  # positions per logits chunk: bounds [B, chunk, V] memory
+            progress_bar=True,
+        )
+    )
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            max_new_tokens=16,
+            temperature=0.0,  # 0: greedy, as the paper's headline TL;DR numbers
+            top_p=1.0,
+        )
+    )
+    return config
+
+
+class ConfigError(ValueError):
+    """A config key holds a value that is not allowed; the message names the key."""
+
+
+def _check(condition: bool, key: str, expected: str, value) -> None:
+    if not condition:
+        raise ConfigError(f"config.{key} = {value!r} is invalid: expected {expected}")
+
+
+def _positive_int(config, key: str, allow_zero: bool = False) -> None:
+    value = _get(config, key)
+    lower = 0 if allow_zero else 1
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= lower,
+        key,
+        f"an integer >= {lower}",
+        value,
+    )
+
+
+def _number(config, key: str, low: float, high: float, low_open=False, high_open=False) -> None:
+    value = _get(config, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    _check(ok, key, f"a number in {lo}{low}, {high}{hi}", value)
+
+
+def _choice(config, key: str, allowed) -> None:
+    value = _get(config, key)
+    _check(value in allowed, key, f"one of {', '.join(map(str, allowed))}", value)
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            raise ConfigError(f"config.{key} is missing")
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every key up front; raise ConfigError naming the first bad key and what is allowed."""
+    from dpo_jax import data, models  # Imported here: both are heavier than this module.
+
+    inf = float("inf")
+    _choice(config, "mode", MODES)
+    _positive_int(config, "seed", allow_zero=True)
+
+    _choice(config, "model.family", models.family_names())
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
+        _positive_int(config, f"model.{key}")
+    _check(
+        config.model.num_heads % config.model.num_kv_heads == 0,
+        "model.num_kv_heads",
+        f"a divisor of model.num_heads ({config.model.num_heads})",
+        config.model.num_kv_heads,
+    )
+    _check(config.model.head_dim % 2 == 0, "model.head_dim", "an even number (rotary pairs)", config.model.head_dim)
+    _number(config, "model.rope_theta", 0, inf, low_open=True)
+    _number(config, "model.rms_norm_eps", 0, 1, low_open=True)
+    _choice(config, "model.tie_embeddings", (True, False))
+    _choice(config, "model.dtype", DTYPES)
+
+    _choice(config, "data.source", data.source_names())
+    _choice(config, "data.tokenizer", data.tokenizer_names())
+    for key in ("num_train_pairs", "num_eval_pairs", "max_length", "max_prompt_length"):
+        _positive_int(config, f"data.{key}")
+    _positive_int(config, "data.num_eval_prompts", allow_zero=True)
+    _check(
+        config.data.max_prompt_length < config.data.max_length,
+        "data.max_prompt_length",
+        f"less than data.max_length ({config.data.max_length})",
+        config.data.max_prompt_length,
+    )
+    _choice(config, "data.truncation_mode", data.TRUNCATION_MODES)
+
+    _choice(config, "loss.name", losses.loss_names())
+    _number(config, "loss.beta", 0, inf, low_open=True)
+    _number(config, "loss.label_smoothing", 0, 0.5, high_open=True)
+    _choice(config, "loss.reference_free", (True, False))
+    for key in ("alpha", "gamma", "orpo_lambda"):
+        _number(config, f"loss.{key}", -inf, inf)
+
+    _choice(config, "optimizer.name", OPTIMIZERS)
+    _choice(config, "optimizer.schedule", SCHEDULES)
+    _number(config, "optimizer.max_grad_norm", 0, inf, low_open=True)
+    _number(config, "optimizer.weight_decay", 0, inf)
+
+    for stage in STAGES:
+        _positive_int(config, f"{stage}.num_steps")
+        _number(config, f"{stage}.learning_rate", 0, inf, low_open=True)
+        _positive_int(config, f"{stage}.warmup_steps", allow_zero=True)
+    _check(
+        isinstance(config.dpo.reference_workdir, str),
+        "dpo.reference_workdir",
+        "a path string ('' for the initial params)",
+        config.dpo.reference_workdir,
+    )
+
+    for key in ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "eval_every"):
+        _positive_int(config, f"train.{key}")
+    _positive_int(config, "train.checkpoint_every")
+    _positive_int(config, "train.keep_checkpoints")
+    _positive_int(config, "train.logprob_chunk_size")
+    _choice(config, "train.progress_bar", (True, False))
+    _check(
+        config.train.batch_size % config.train.grad_accum_steps == 0,
+        "train.grad_accum_steps",
+        f"a divisor of train.batch_size ({config.train.batch_size})",
+        config.train.grad_accum_steps,
+    )
+    for key, size in (("train.batch_size", "num_train_pairs"), ("train.eval_batch_size", "num_eval_pairs")):
+        _check(
+            _get(config, key) <= config.data[size],
+            key,
+            f"at most data.{size} ({config.data[size]})",
+            _get(config, key),
+        )
+
+    _positive_int(config, "eval.max_new_tokens")
+    _number(config, "eval.temperature", 0, inf)
+    _number(config, "eval.top_p", 0, 1, low_open=True)

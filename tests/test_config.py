@@ -1,0 +1,73 @@
+"""Every config key is validated up front, with a message that names the key and what is allowed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import demo
+from dpo_jax import train
+from dpo_jax.config import ConfigError, base_config, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shipped_configs_are_valid():
+    validate(base_config())
+    validate(demo.get_config())
+    validate(demo.get_config("smoke"))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("mode", "rlhf", r"config\.mode = 'rlhf'.*one of sft, dpo, sft_then_dpo"),
+        ("loss.name", "dpoo", r"config\.loss\.name = 'dpoo'.*one of .*dpo.*ipo.*unweighted"),
+        ("loss.beta", -0.1, r"config\.loss\.beta = -0\.1.*number in \(0"),
+        ("loss.label_smoothing", 0.5, r"config\.loss\.label_smoothing.*\[0, 0\.5\)"),
+        ("optimizer.name", "sgd", r"config\.optimizer\.name = 'sgd'.*rmsprop, adamw"),
+        ("optimizer.schedule", "linear", r"config\.optimizer\.schedule.*constant, cosine"),
+        ("model.num_kv_heads", 3, r"config\.model\.num_kv_heads = 3.*divisor of model\.num_heads"),
+        ("model.family", "gpt5", r"config\.model\.family = 'gpt5'.*llama"),
+        ("model.hidden_size", 0, r"config\.model\.hidden_size = 0.*integer >= 1"),
+        ("model.dtype", "float8", r"config\.model\.dtype.*float32, bfloat16"),
+        ("data.source", "reddit", r"config\.data\.source = 'reddit'.*synthetic_sentiment"),
+        ("data.max_prompt_length", 24, r"config\.data\.max_prompt_length = 24.*less than data\.max_length"),
+        ("data.truncation_mode", "middle", r"config\.data\.truncation_mode.*keep_end, keep_start"),
+        ("train.grad_accum_steps", 3, r"config\.train\.grad_accum_steps = 3.*divisor of train\.batch_size"),
+        ("train.batch_size", 10**6, r"config\.train\.batch_size.*at most data\.num_train_pairs"),
+        ("sft.learning_rate", 0.0, r"config\.sft\.learning_rate = 0\.0"),
+        ("dpo.num_steps", 0, r"config\.dpo\.num_steps = 0.*integer >= 1"),
+        ("eval.top_p", 1.5, r"config\.eval\.top_p = 1\.5"),
+    ],
+)
+def test_bad_value_names_key_and_allowed_values(key, value, message):
+    config = demo.get_config()
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
+def test_validation_runs_before_anything_is_built(tmp_path):
+    config = demo.get_config()
+    config.loss.name = "nope"
+    with pytest.raises(ConfigError, match="config.loss.name"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_override_with_bad_value_fails_with_the_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dpo_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
+         "--config.optimizer.name=sgd"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "config.optimizer.name = 'sgd' is invalid" in result.stderr
+
+
+def test_demo_config_rejects_unknown_argument():
+    with pytest.raises(ValueError, match="configs/demo.py: unknown argument 'big'"):
+        demo.get_config("big")
