@@ -231,28 +231,31 @@ def train_stage(
         dynamic_ncols=True,
     )
     last_time, last_step = time.perf_counter(), first_step
-    for step in progress:
-        batch = train_data.batch_at(step, batch_size, data_seed)
-        state, metrics = train_step(state, ref_params, batch)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == num_steps:
-            host = _host_metrics(metrics)
-            now = time.perf_counter()
-            host["examples_per_second"] = (done - last_step) * batch_size / (now - last_time)
-            last_time, last_step = now, done
-            if done % config.train.eval_every == 0 or done == num_steps:
-                eval_metrics = evaluate_pairs(eval_step, state.params, ref_params, eval_data, config.train.eval_batch_size)
-                host.update({f"eval/{k}": v for k, v in eval_metrics.items()})
-            _check_finite(stage, done, host)
-            writer.write(stage, done, host)
-            progress.set_postfix(
-                loss=f"{host['loss']:.3f}", acc=f"{host['rewards/accuracies']:.2f}", margin=f"{host['rewards/margins']:.3f}"
-            )
-        if done % config.train.checkpoint_every == 0 or done == num_steps:
-            save(done)
-    progress.close()
-    manager.wait_until_finished()
-    manager.close()
+    try:
+        for step in progress:
+            batch = train_data.batch_at(step, batch_size, data_seed)
+            state, metrics = train_step(state, ref_params, batch)
+            done = step + 1
+            if done % config.train.log_every == 0 or done == num_steps:
+                host = _host_metrics(metrics)
+                now = time.perf_counter()
+                host["examples_per_second"] = (done - last_step) * batch_size / (now - last_time)
+                last_time, last_step = now, done
+                if done % config.train.eval_every == 0 or done == num_steps:
+                    eval_metrics = evaluate_pairs(eval_step, state.params, ref_params, eval_data, config.train.eval_batch_size)
+                    host.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+                _check_finite(stage, done, host)
+                writer.write(stage, done, host)
+                progress.set_postfix(
+                    loss=f"{host['loss']:.3f}", acc=f"{host['rewards/accuracies']:.2f}", margin=f"{host['rewards/margins']:.3f}"
+                )
+            if done % config.train.checkpoint_every == 0 or done == num_steps:
+                save(done)
+    finally:  # An interrupted run still completes the saves in flight.
+        progress.close()
+        manager.wait_until_finished()
+        manager.close()
+
     if not eval_metrics:  # Resumed at the end: nothing ran, evaluate the restored params.
         eval_metrics = evaluate_pairs(eval_step, state.params, ref_params, eval_data, config.train.eval_batch_size)
     return state.params, eval_metrics
