@@ -14,7 +14,6 @@ from dpo_jax import losses
 MODES = ("sft", "dpo", "sft_then_dpo")
 OPTIMIZERS = ("rmsprop", "adamw")
 SCHEDULES = ("constant", "cosine")
-DTYPES = ("float32", "bfloat16")
 STAGES = ("sft", "dpo")
 
 
@@ -157,19 +156,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, "seed", allow_zero=True)
 
     _choice(config, "model.family", models.family_names())
-    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
-        _positive_int(config, f"model.{key}")
-    _check(
-        config.model.num_heads % config.model.num_kv_heads == 0,
-        "model.num_kv_heads",
-        f"a divisor of model.num_heads ({config.model.num_heads})",
-        config.model.num_kv_heads,
-    )
-    _check(config.model.head_dim % 2 == 0, "model.head_dim", "an even number (rotary pairs)", config.model.head_dim)
-    _number(config, "model.rope_theta", 0, inf, low_open=True)
-    _number(config, "model.rms_norm_eps", 0, 1, low_open=True)
-    _choice(config, "model.tie_embeddings", (True, False))
-    _choice(config, "model.dtype", DTYPES)
+    model_fields = config.model.to_dict()
+    try:  # The family's own config checks its fields; vocab_size comes from the tokenizer later.
+        models.make_config(model_fields.pop("family"), vocab_size=1, **model_fields)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config.model is invalid: {error}") from error
 
     _choice(config, "data.source", data.source_names())
     _choice(config, "data.tokenizer", data.tokenizer_names())

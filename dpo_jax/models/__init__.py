@@ -26,11 +26,11 @@ def family_names() -> list[str]:
     return sorted(MODEL_FAMILIES)
 
 
-def create_model(family: str, rngs: nnx.Rngs, **fields: Any) -> nnx.Module:
-    """Build `family`'s config from keyword fields and initialise the model; bad names raise ValueError."""
+def make_config(family: str, **fields: Any):
+    """`family`'s config dataclass from keyword fields; unknown family or field, or a bad value, raise ValueError."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; valid families: {family_names()}")
-    config_cls, model_cls = MODEL_FAMILIES[family]
+    config_cls, _ = MODEL_FAMILIES[family]
     all_fields = [f.name for f in dataclasses.fields(config_cls)]
     unknown = sorted(set(fields) - set(all_fields))
     if unknown:
@@ -42,7 +42,13 @@ def create_model(family: str, rngs: nnx.Rngs, **fields: Any) -> nnx.Module:
     missing = [name for name in required if name not in fields]
     if missing:
         raise ValueError(f"missing field(s) {missing} for model family {family!r}; its fields: {all_fields}")
-    return model_cls(config_cls(**fields), rngs=rngs)
+    return config_cls(**fields)
+
+
+def create_model(family: str, rngs: nnx.Rngs, **fields: Any) -> nnx.Module:
+    """Build `family`'s config from keyword fields and initialise the model; bad names raise ValueError."""
+    config = make_config(family, **fields)
+    return MODEL_FAMILIES[family][1](config, rngs=rngs)
 
 
 def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:

@@ -44,6 +44,12 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"LlamaConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"LlamaConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
 
