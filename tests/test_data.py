@@ -108,6 +108,16 @@ def test_completion_truncation_keeps_at_least_one_token():
     assert short["chosen_loss_mask"].sum() == 1
 
 
+def test_completions_cut_to_max_length_minus_max_prompt_length_as_reference_code():
+    # Prompt of 3 tokens (under max_prompt_length 5) + 7-token completion > max_length 8: the reference
+    # code leaves the prompt alone and cuts completions to 8 − 5 = 3 tokens (not 8 − 3).
+    ex = {"prompt": "review of the", "chosen": "great really and loved the was", "rejected": "awful"}
+    out = tokenize_pair(ex, TOK, max_length=8, max_prompt_length=5)
+    assert TOK.decode(out["chosen_tokens"]) == "review of the great really and"
+    assert out["chosen_loss_mask"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert out["rejected_loss_mask"].sum() == 2 and out["truncated"]
+
+
 @pytest.mark.parametrize("field", ["prompt", "chosen", "rejected"])
 def test_invalid_fields_raise_naming_the_field(field):
     ex = {"prompt": "review of the film :", "chosen": "great", "rejected": "awful"}
@@ -145,7 +155,8 @@ def test_mask_property(prompt, chosen, rejected, max_length, data_, mode):
     for key, words in (("chosen", chosen), ("rejected", rejected)):
         tokens, mask = out[f"{key}_tokens"], out[f"{key}_loss_mask"]
         n = int(mask.sum())
-        assert n == min(len(words) + 1, max_length - kept) >= 1
+        fits = kept + longer <= max_length
+        assert n == (len(words) + 1 if fits else min(len(words) + 1, max_length - max_prompt_length)) >= 1
         assert (mask[:kept] == 0).all() and (mask[kept : kept + n] == 1).all() and (mask[kept + n :] == 0).all()
         under = tokens[mask > 0].tolist()
         assert TOK.decode(under) == " ".join(words[: len(under)])

@@ -6,7 +6,8 @@ tokens[t] with the logits at position t − 1, so every prompt must keep at leas
 
 Truncation (reference code): if prompt + longer completion (with EOS) exceeds `max_length`, the prompt
 is cut to `max_prompt_length` ("keep_end" keeps its end, as for dialogue; "keep_start" its start); if
-still too long, both completions are cut to `max_length − prompt_len` tokens. The EOS can be cut off
+still too long, both completions are cut to `max_length − max_prompt_length` tokens, exactly as the
+reference code does (even when the prompt is shorter than `max_prompt_length`). The EOS can be cut off
 then: the completion is scored as an unfinished prefix. At least one completion token always remains.
 """
 
@@ -85,7 +86,7 @@ def tokenize_pair(
         truncated = len(prompt) > max_prompt_length
         prompt = _truncate_prompt(prompt, max_prompt_length, truncation_mode)
     if len(prompt) + longer > max_length:
-        keep = max_length - len(prompt)  # >= 1 since len(prompt) <= max_prompt_length < max_length.
+        keep = max_length - max_prompt_length  # >= 1 since max_prompt_length < max_length.
         truncated = True
         chosen, rejected = chosen[:keep], rejected[:keep]
     chosen_tokens, chosen_mask = _sequence(prompt, chosen, max_length, tokenizer.pad_token_id)
