@@ -7,24 +7,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import demo
 from dpo_jax import checkpoint, data, train
 
 
 class Interrupted(Exception):
     pass
-
-
-def short_config():
-    """The demo config with a handful of steps and a checkpoint every 2."""
-    config = demo.get_config("smoke")
-    config.data.update(num_train_pairs=64, num_eval_pairs=16, num_eval_prompts=4)
-    config.sft.update(num_steps=5, warmup_steps=2)
-    config.dpo.update(num_steps=5, warmup_steps=2)
-    config.train.update(batch_size=16, eval_batch_size=16, log_every=1, eval_every=5, checkpoint_every=2,
-                        keep_checkpoints=2, progress_bar=False)
-    config.eval.max_new_tokens = 3
-    return config
 
 
 def final_state(workdir, stage):
@@ -40,8 +27,8 @@ def stage_records(workdir, stage):
 
 
 @pytest.mark.parametrize("interrupt_stage", ["sft", "dpo"])
-def test_resume_after_interruption_is_bitwise(tmp_path, monkeypatch, interrupt_stage):
-    config = short_config()
+def test_resume_after_interruption_is_bitwise(tmp_path, monkeypatch, interrupt_stage, short_config):
+    config = short_config
     uninterrupted, resumed = str(tmp_path / "uninterrupted"), str(tmp_path / "resumed")
     train.train_and_evaluate(config, uninterrupted)
 
@@ -71,8 +58,8 @@ def test_resume_after_interruption_is_bitwise(tmp_path, monkeypatch, interrupt_s
         assert stage_records(uninterrupted, stage) == stage_records(resumed, stage)
 
 
-def test_keeps_only_the_last_checkpoints(tmp_path):
-    config = short_config()
+def test_keeps_only_the_last_checkpoints(tmp_path, short_config):
+    config = short_config
     config.mode = "sft"
     train.train_and_evaluate(config, str(tmp_path))
     steps = sorted(int(n) for n in os.listdir(checkpoint.stage_directory(str(tmp_path), "sft")) if n.isdigit())
@@ -82,8 +69,8 @@ def test_keeps_only_the_last_checkpoints(tmp_path):
     assert meta["data_position"] == 5 * 16 and meta["config"]["train"]["batch_size"] == 16
 
 
-def test_dpo_mode_takes_reference_from_an_sft_workdir(tmp_path):
-    config = short_config()
+def test_dpo_mode_takes_reference_from_an_sft_workdir(tmp_path, short_config):
+    config = short_config
     config.mode = "sft"
     train.train_and_evaluate(config, str(tmp_path / "sft"))
     config.mode, config.dpo.reference_workdir = "dpo", str(tmp_path / "sft")
@@ -93,3 +80,4 @@ def test_dpo_mode_takes_reference_from_an_sft_workdir(tmp_path):
     config.dpo.reference_workdir = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="missing"):
         train.train_and_evaluate(config, str(tmp_path / "dpo2"))
+

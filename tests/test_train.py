@@ -149,3 +149,11 @@ def test_learning_rate_schedule_warmup_then_constant_or_cosine():
     assert float(constant(0)) == 0.0 and float(constant(5)) == pytest.approx(0.5)
     assert float(constant(10)) == pytest.approx(1.0) and float(constant(99)) == pytest.approx(1.0)
     assert float(cosine(10)) == pytest.approx(1.0) and float(cosine(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_non_finite_metrics_stop_the_run_with_their_names(tmp_path, short_config):
+    config = short_config
+    config.mode = "sft"
+    config.sft.update(learning_rate=1e30, warmup_steps=0)  # params overflow float32 after a step or two
+    with pytest.raises(FloatingPointError, match=r"sft step \d+: non-finite metrics \[.*'loss'"):
+        train.train_and_evaluate(config, str(tmp_path))

@@ -1,0 +1,18 @@
+"""Shared fixtures."""
+
+import pytest
+
+from configs import demo
+
+
+@pytest.fixture
+def short_config():
+    """The demo config with a handful of steps and a checkpoint every 2: the whole pipeline in seconds."""
+    config = demo.get_config("smoke")
+    config.data.update(num_train_pairs=64, num_eval_pairs=16, num_eval_prompts=4)
+    config.sft.update(num_steps=5, warmup_steps=2)
+    config.dpo.update(num_steps=5, warmup_steps=2)
+    config.train.update(batch_size=16, eval_batch_size=16, log_every=1, eval_every=5, checkpoint_every=2,
+                        keep_checkpoints=2, progress_bar=False)
+    config.eval.max_new_tokens = 3
+    return config
