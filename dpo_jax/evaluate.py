@@ -7,6 +7,7 @@ over samples from π estimates the sequence-level KL(π ‖ π_ref)).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -18,6 +19,7 @@ from dpo_jax.models import apply_model
 from dpo_jax.sampling import generate
 
 
+@functools.lru_cache(maxsize=8)  # One compile per model structure, however often it is evaluated.
 def make_sequence_kl_fn(graphdef: Any, chunk_size: int) -> Callable:
     """Jitted `(params, ref_params, tokens_BxT, completion_mask_BxT) -> KL [B]` summed over completion tokens."""
 

@@ -317,36 +317,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     graphdef, params = split_params(model)
     writer = MetricsWriter(workdir)
     summary: dict[str, Any] = {"config": config.to_dict()}
+    try:
+        if config.mode in ("sft", "sft_then_dpo"):
+            params, _, summary["sft"] = train_stage(
+                "sft", config, graphdef, params, None, train_data, eval_data, workdir, writer
+            )
+        elif config.dpo.reference_workdir:
+            params = checkpoint.load_final_params(config.dpo.reference_workdir, "sft", checkpoint.abstract(params))
+        else:
+            logging.warning("mode=dpo without dpo.reference_workdir: π_ref is the freshly initialised model")
 
-    if config.mode in ("sft", "sft_then_dpo"):
-        params, _, summary["sft"] = train_stage(
-            "sft", config, graphdef, params, None, train_data, eval_data, workdir, writer
-        )
-    elif config.dpo.reference_workdir:
-        params = checkpoint.load_final_params(config.dpo.reference_workdir, "sft", checkpoint.abstract(params))
-    else:
-        logging.warning("mode=dpo without dpo.reference_workdir: π_ref is the freshly initialised model")
-
-    if config.mode in ("dpo", "sft_then_dpo"):
-        ref_params = params  # Frozen: the step never updates it, and it is no part of the train state.
-        params, summary["dpo_initial"], summary["dpo"] = train_stage(
-            "dpo", config, graphdef, params, ref_params, train_data, eval_data, workdir, writer
-        )
-        sampling = dict(
-            tokenizer=tokenizer,
-            reward_fn=data.ground_truth_reward_fn(config.data.source),
-            max_new_tokens=config.eval.max_new_tokens,
-            temperature=config.eval.temperature,
-            top_p=config.eval.top_p,
-            rng=jax.random.key(config.seed),
-            chunk_size=config.train.logprob_chunk_size,
-        )
-        summary["samples"] = {
-            name: evaluate.sample_metrics(graphdef, p, ref_params, prompt_tokens, prompt_lengths, **sampling)
-            for name, p in (("reference", ref_params), ("policy", params))
-        }
-        print(before_after_table(summary))
-    writer.close()
+        if config.mode in ("dpo", "sft_then_dpo"):
+            ref_params = params  # Frozen: the step never updates it, and it is no part of the train state.
+            params, summary["dpo_initial"], summary["dpo"] = train_stage(
+                "dpo", config, graphdef, params, ref_params, train_data, eval_data, workdir, writer
+            )
+            sampling = dict(
+                tokenizer=tokenizer,
+                reward_fn=data.ground_truth_reward_fn(config.data.source),
+                max_new_tokens=config.eval.max_new_tokens,
+                temperature=config.eval.temperature,
+                top_p=config.eval.top_p,
+                rng=jax.random.key(config.seed),
+                chunk_size=config.train.logprob_chunk_size,
+            )
+            summary["samples"] = {
+                name: evaluate.sample_metrics(graphdef, p, ref_params, prompt_tokens, prompt_lengths, **sampling)
+                for name, p in (("reference", ref_params), ("policy", params))
+            }
+            print(before_after_table(summary))
+    finally:
+        writer.close()
     summary["wall_time_seconds"] = time.perf_counter() - started
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
