@@ -88,6 +88,9 @@ def dpo(logps: PairLogps, p: LossParams) -> jax.Array:
     return (1 - p.label_smoothing) * _neg_log_sigmoid(z) + p.label_smoothing * _neg_log_sigmoid(-z)
 
 
+register_loss("cdpo")(dpo)  # Conservative DPO by its own name: dpo with label_smoothing = ε.
+
+
 @register_loss("robust")
 def robust(logps: PairLogps, p: LossParams) -> jax.Array:
     """Unbiased loss under label-flip rate ε (Chowdhury et al., 2024)."""

@@ -30,7 +30,7 @@ def expected(name, p):
     for i in range(2):
         d, b, eps = DELTA[i], p.beta, p.label_smoothing
         lw, ll, nw, nl = POLICY_W[i], POLICY_L[i], LEN_W[i], LEN_L[i]
-        if name == "dpo":
+        if name in ("dpo", "cdpo"):
             out.append((1 - eps) * neg_log_sigmoid(b * d) + eps * neg_log_sigmoid(-b * d))
         elif name == "robust":
             out.append(((1 - eps) * neg_log_sigmoid(b * d) - eps * neg_log_sigmoid(-b * d)) / (1 - 2 * eps))
