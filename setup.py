@@ -22,7 +22,6 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
-            "pytest-xdist",
             "hypothesis",
             "nbclient",
             "nbformat",
