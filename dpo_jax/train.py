@@ -188,10 +188,11 @@ def train_stage(
     eval_data,
     workdir: str,
     writer: MetricsWriter,
-) -> tuple[Any, dict[str, float]]:
+    evaluate_start: bool = False,
+) -> tuple[Any, dict[str, float], dict[str, float]]:
     """Run (or resume) one stage, 'sft' or 'dpo', to its last step.
 
-    Returns (final params, eval metrics of the initial params, eval metrics of the final params).
+    Returns (final params, eval metrics of the initial params if `evaluate_start` else {}, final eval metrics).
     """
     stage_config = config[stage]
     loss_name = "sft" if stage == "sft" else config.loss.name
@@ -205,7 +206,9 @@ def train_stage(
     batch_size, data_seed = config.train.batch_size, config.seed + (0 if stage == "sft" else 1)
 
     # A copy: the step donates the state's buffers, and `params` may be π_ref's own.
-    initial_eval = evaluate_pairs(eval_step, params, ref_params, eval_data, config.train.eval_batch_size)
+    initial_eval = (
+        evaluate_pairs(eval_step, params, ref_params, eval_data, config.train.eval_batch_size) if evaluate_start else {}
+    )
     state = TrainState.create(jax.tree.map(jnp.copy, params), tx)
     manager = checkpoint.make_manager(workdir, stage, config.train.keep_checkpoints)
     restored = checkpoint.restore_latest(manager, checkpoint.abstract(state))
@@ -330,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if config.mode in ("dpo", "sft_then_dpo"):
             ref_params = params  # Frozen: the step never updates it, and it is no part of the train state.
             params, summary["dpo_initial"], summary["dpo"] = train_stage(
-                "dpo", config, graphdef, params, ref_params, train_data, eval_data, workdir, writer
+                "dpo", config, graphdef, params, ref_params, train_data, eval_data, workdir, writer, evaluate_start=True
             )
             sampling = dict(
                 tokenizer=tokenizer,
