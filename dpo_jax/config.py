@@ -198,11 +198,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.dpo.reference_workdir,
     )
 
-    for key in ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "eval_every"):
+    for key in ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "eval_every",
+                "checkpoint_every", "keep_checkpoints", "logprob_chunk_size"):
         _positive_int(config, f"train.{key}")
-    _positive_int(config, "train.checkpoint_every")
-    _positive_int(config, "train.keep_checkpoints")
-    _positive_int(config, "train.logprob_chunk_size")
     _choice(config, "train.progress_bar", (True, False))
     _check(
         config.train.batch_size % config.train.grad_accum_steps == 0,

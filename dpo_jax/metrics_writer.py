@@ -27,8 +27,7 @@ class MetricsWriter:
         """Drop lines of `stage` logged after `step`: a resumed run re-logs them from its checkpoint."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = read_metrics(self.workdir)
         kept = [r for r in records if not (r["stage"] == stage and r["step"] > step)]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)

@@ -205,10 +205,11 @@ def train_stage(
     eval_step = make_eval_step(loss_fn)
     batch_size, data_seed = config.train.batch_size, config.seed + (0 if stage == "sft" else 1)
 
+    def evaluate_params(p):
+        return evaluate_pairs(eval_step, p, ref_params, eval_data, config.train.eval_batch_size)
+
+    initial_eval = evaluate_params(params) if evaluate_start else {}
     # A copy: the step donates the state's buffers, and `params` may be π_ref's own.
-    initial_eval = (
-        evaluate_pairs(eval_step, params, ref_params, eval_data, config.train.eval_batch_size) if evaluate_start else {}
-    )
     state = TrainState.create(jax.tree.map(jnp.copy, params), tx)
     manager = checkpoint.make_manager(workdir, stage, config.train.keep_checkpoints)
     restored = checkpoint.restore_latest(manager, checkpoint.abstract(state))
@@ -248,7 +249,7 @@ def train_stage(
                 now = time.perf_counter()
                 host["examples_per_second"] = (done - last_step) * batch_size / (now - last_time)
                 if done % config.train.eval_every == 0 or done == num_steps:
-                    eval_metrics = evaluate_pairs(eval_step, state.params, ref_params, eval_data, config.train.eval_batch_size)
+                    eval_metrics = evaluate_params(state.params)
                     host.update({f"eval/{k}": v for k, v in eval_metrics.items()})
                 _check_finite(stage, done, host)
                 writer.write(stage, done, host)
@@ -264,7 +265,7 @@ def train_stage(
         manager.close()
 
     if not eval_metrics:  # Resumed at the end: nothing ran, evaluate the restored params.
-        eval_metrics = evaluate_pairs(eval_step, state.params, ref_params, eval_data, config.train.eval_batch_size)
+        eval_metrics = evaluate_params(state.params)
     return state.params, initial_eval, eval_metrics
 
 
