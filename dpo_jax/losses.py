@@ -1,11 +1,13 @@
 """Preference losses and metrics from sequence log-probs: the only place the loss math lives.
 
-Every loss maps a `PairLogps` (summed completion log-probs of the policy and the reference
-for chosen y_w and rejected y_l, and the completion lengths) plus `LossParams` to one loss
-per pair. Notation (DESIGN.md): h = log π_θ(y|x) − log π_ref(y|x), Δ = h_w − h_l,
-implicit reward r̂ = β·h. `−log σ(x)` is computed as `softplus(−x)` for stability.
+A paired loss maps a `PairLogps` (summed completion log-probs of the policy and the reference for chosen y_w and
+rejected y_l, and the completion lengths) plus `LossParams` to one loss per pair; an unpaired loss (KTO) maps an
+`UnpairedLogps` (one completion per example, its desirable/undesirable label, and the log-probs of mismatched
+prompt/completion pairs for the reference point) to one loss per example. Notation (DESIGN.md):
+h = log π_θ(y|x) − log π_ref(y|x), Δ = h_w − h_l, implicit reward r̂ = β·h. `−log σ(x)` is computed as
+`softplus(−x)` for stability.
 
-Register a new variant with `@register_loss("name", needs_reference=...)`.
+Register a new variant with `@register_loss("name", needs_reference=..., data=...)`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,18 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+class UnpairedLogps(NamedTuple):
+    """Per-example sequence log-probs (float32 [B]) of each completion and of the mismatched pair (prompt i with
+    completion i + 1), completion lengths, and labels (1.0 desirable, 0.0 undesirable)."""
+
+    policy: jax.Array
+    reference: jax.Array
+    kl_policy: jax.Array
+    kl_reference: jax.Array
+    lengths: jax.Array
+    labels: jax.Array
 
 
 class PairLogps(NamedTuple):
@@ -38,21 +52,30 @@ class LossParams:
     alpha: float = 1.0  # unlikelihood weight on y_l; rdpo length coefficient; rpo NLL weight
     gamma: float = 0.5  # simpo target margin
     orpo_lambda: float = 0.1  # orpo odds-ratio weight
+    desirable_weight: float = 1.0  # kto λ_D
+    undesirable_weight: float = 1.0  # kto λ_U
+
+
+DATA_KINDS = ("paired", "unpaired", "both")
 
 
 class LossSpec(NamedTuple):
-    fn: Callable[[PairLogps, LossParams], jax.Array]
+    fn: Callable[[PairLogps | UnpairedLogps, LossParams], jax.Array]
     needs_reference: bool
+    data: str  # "paired" (PairLogps), "unpaired" (UnpairedLogps) or "both"
 
 
 _LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, needs_reference: bool = True):
-    """Decorator adding a per-pair loss `fn(logps, params) -> losses_B` to the registry."""
+def register_loss(name: str, *, needs_reference: bool = True, data: str = "paired"):
+    """Decorator adding a loss `fn(logps, params) -> per-pair (or per-example) losses_B` to the registry; `data` says
+    which log-probs it takes: PairLogps ("paired"), UnpairedLogps ("unpaired") or either ("both")."""
+    if data not in DATA_KINDS:
+        raise ValueError(f"data must be one of {DATA_KINDS}, got {data!r}")
 
     def decorate(fn):
-        _LOSSES[name] = LossSpec(fn, needs_reference)
+        _LOSSES[name] = LossSpec(fn, needs_reference, data)
         return fn
 
     return decorate
@@ -161,11 +184,32 @@ def orpo(logps: PairLogps, p: LossParams) -> jax.Array:
     return -mean_w + p.orpo_lambda * _neg_log_sigmoid(_log_odds(mean_w) - _log_odds(mean_l))
 
 
-@register_loss("sft", needs_reference=False)
-def sft(logps: PairLogps, p: LossParams) -> jax.Array:
-    """Token-mean cross-entropy on the chosen completion: Preferred-FT, which makes π_ref."""
+@register_loss("sft", needs_reference=False, data="both")
+def sft(logps: PairLogps | UnpairedLogps, p: LossParams) -> jax.Array:
+    """Token-mean cross-entropy on the chosen completion (Preferred-FT, which makes π_ref), or on every completion
+    of unpaired data (plain SFT, as on IMDb reviews)."""
     del p
+    if isinstance(logps, UnpairedLogps):
+        return -logps.policy / logps.lengths
     return -logps.policy_chosen / logps.chosen_lengths
+
+
+def kto_reference_point(logps: UnpairedLogps, reference_free: bool = False) -> jax.Array:
+    """z0 = max(0, mean over the batch of log π(y'|x) − log π_ref(y'|x)) on mismatched pairs: KTO's estimate of
+    KL(π ‖ π_ref), held constant (no gradient) as the paper and TRL do."""
+    reference = jnp.zeros_like(logps.kl_reference) if reference_free else logps.kl_reference
+    return jax.lax.stop_gradient(jnp.maximum(jnp.mean(logps.kl_policy - reference), 0.0))
+
+
+@register_loss("kto", data="unpaired")
+def kto(logps: UnpairedLogps, p: LossParams) -> jax.Array:
+    """λ_D·(1 − σ(β(h − z0))) for a desirable completion, λ_U·(1 − σ(β(z0 − h))) for an undesirable one
+    (Ethayarajh et al., 2024), z0 the reference point above."""
+    z0 = kto_reference_point(logps)
+    h = logps.policy - logps.reference
+    desirable = p.desirable_weight * (1 - jax.nn.sigmoid(p.beta * (h - z0)))
+    undesirable = p.undesirable_weight * (1 - jax.nn.sigmoid(p.beta * (z0 - h)))
+    return jnp.where(logps.labels > 0, desirable, undesirable)
 
 
 def uses_reference(name: str, params: LossParams) -> bool:
@@ -173,12 +217,20 @@ def uses_reference(name: str, params: LossParams) -> bool:
     return get_loss(name).needs_reference and not params.reference_free
 
 
-def pair_losses(name: str, logps: PairLogps, params: LossParams) -> jax.Array:
-    """Per-pair losses [B] of variant `name`; reference log-probs are zeroed when reference-free."""
+def takes(name: str, paired: bool) -> bool:
+    """Whether loss `name` trains on paired (else unpaired) data."""
+    return get_loss(name).data in ("both", "paired" if paired else "unpaired")
+
+
+def pair_losses(name: str, logps: PairLogps | UnpairedLogps, params: LossParams) -> jax.Array:
+    """Per-pair (per-example) losses [B] of variant `name`; reference log-probs are zeroed when reference-free."""
     spec = get_loss(name)
+    paired = isinstance(logps, PairLogps)
+    if not takes(name, paired):
+        raise ValueError(f"loss {name!r} takes {spec.data} data, not {'paired' if paired else 'unpaired'}")
     if params.reference_free:
-        zeros = jnp.zeros_like(logps.policy_chosen)
-        logps = logps._replace(reference_chosen=zeros, reference_rejected=zeros)
+        fields = ("reference_chosen", "reference_rejected") if paired else ("reference", "kl_reference")
+        logps = logps._replace(**{f: jnp.zeros_like(getattr(logps, f)) for f in fields})
     return spec.fn(logps, params)
 
 
@@ -206,10 +258,38 @@ def preference_metrics(
     return {k: (v * weights).sum() / total for k, v in per_pair.items()}
 
 
+def unpaired_metrics(
+    logps: UnpairedLogps, params: LossParams, losses: jax.Array, weights: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """KTO's metrics under the paired names: rewards/chosen and logps/chosen over desirable examples, .../rejected
+    over undesirable ones, rewards/accuracies the share whose reward has its label's sign, and kl, the reference point."""
+    if weights is None:
+        weights = jnp.ones_like(losses)
+    reference = jnp.zeros_like(logps.reference) if params.reference_free else logps.reference
+    rewards = params.beta * (logps.policy - reference)
+    desirable, undesirable = weights * (logps.labels > 0), weights * (logps.labels <= 0)
+
+    def mean(values, w):
+        return (values * w).sum() / jnp.maximum(w.sum(), 1e-9)
+
+    metrics = {
+        "loss": mean(losses, weights),
+        "rewards/chosen": mean(rewards, desirable),
+        "rewards/rejected": mean(rewards, undesirable),
+        "rewards/accuracies": mean(((rewards > 0) == (logps.labels > 0)).astype(jnp.float32), weights),
+        "logps/chosen": mean(logps.policy, desirable),
+        "logps/rejected": mean(logps.policy, undesirable),
+        "kl": kto_reference_point(logps, params.reference_free),
+    }
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return metrics
+
+
 def loss_and_metrics(
-    name: str, logps: PairLogps, params: LossParams, weights: jax.Array | None = None
+    name: str, logps: PairLogps | UnpairedLogps, params: LossParams, weights: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean loss over pairs and the standard metrics; `weights` [B] masks padded eval rows."""
+    """Mean loss over pairs (examples) and the standard metrics; `weights` [B] masks padded eval rows."""
     losses = pair_losses(name, logps, params)
-    metrics = preference_metrics(logps, params, losses, weights)
+    metrics_fn = preference_metrics if isinstance(logps, PairLogps) else unpaired_metrics
+    metrics = metrics_fn(logps, params, losses, weights)
     return metrics["loss"], metrics

@@ -71,36 +71,44 @@ def make_optimizer(
 def make_loss_fn(
     graphdef: Any, loss_name: str, loss_params: losses.LossParams, chunk_size: int
 ) -> Callable[[Any, Any, Batch], tuple[jax.Array, Metrics]]:
-    """`loss_fn(params, ref_params, batch) -> (loss, metrics)`; chosen and rejected share one forward."""
+    """`loss_fn(params, ref_params, batch) -> (loss, metrics)` for a paired batch (chosen and rejected share one
+    forward) or an unpaired one (completions; for KTO also the mismatched kl rows, forwarded without gradient)."""
     use_reference = losses.uses_reference(loss_name, loss_params)
+    needs_kl = losses.get_loss(loss_name).data == "unpaired"
 
-    def sequence_logps(params, batch, scope):
-        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
-        mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+    def sequence_logps(params, batch, keys, scope):
+        tokens = jnp.concatenate([batch[f"{key}_tokens"] for key in keys])
+        mask = jnp.concatenate([batch[f"{key}_loss_mask"] for key in keys])
         with jax.named_scope(scope):
             hidden, logits_fn = apply_model(graphdef, params, tokens)
             logps, lengths = sequence_logprobs(hidden, logits_fn, tokens, mask, chunk_size)
-        return jnp.split(logps, 2), jnp.split(lengths, 2)
+        return jnp.split(logps, len(keys)), jnp.split(lengths, len(keys))
+
+    def reference_logps(ref_params, batch, keys, like):
+        if not use_reference:
+            return [jnp.zeros_like(like)] * len(keys)
+        return sequence_logps(jax.lax.stop_gradient(ref_params), batch, keys, "reference")[0]
 
     def loss_fn(params, ref_params, batch):
-        (policy_chosen, policy_rejected), (chosen_lengths, rejected_lengths) = sequence_logps(
-            params, batch, "policy"
-        )
-        if use_reference:
-            (reference_chosen, reference_rejected), _ = sequence_logps(
-                jax.lax.stop_gradient(ref_params), batch, "reference"
+        if "chosen_tokens" in batch:
+            (policy_chosen, policy_rejected), (chosen_lengths, rejected_lengths) = sequence_logps(
+                params, batch, ("chosen", "rejected"), "policy"
+            )
+            reference_chosen, reference_rejected = reference_logps(
+                ref_params, batch, ("chosen", "rejected"), policy_chosen
+            )
+            logps = losses.PairLogps(
+                policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths, rejected_lengths
             )
         else:
-            reference_chosen = reference_rejected = jnp.zeros_like(policy_chosen)
-        pair_logps = losses.PairLogps(
-            policy_chosen,
-            policy_rejected,
-            reference_chosen,
-            reference_rejected,
-            chosen_lengths,
-            rejected_lengths,
-        )
-        return losses.loss_and_metrics(loss_name, pair_logps, loss_params, batch.get("weight"))
+            (policy,), (lengths,) = sequence_logps(params, batch, ("completion",), "policy")
+            (reference,) = reference_logps(ref_params, batch, ("completion",), policy)
+            kl_policy = kl_reference = jnp.zeros_like(policy)
+            if needs_kl:
+                (kl_policy,), _ = sequence_logps(jax.lax.stop_gradient(params), batch, ("kl",), "policy_kl")
+                (kl_reference,) = reference_logps(ref_params, batch, ("kl",), policy)
+            logps = losses.UnpairedLogps(policy, reference, kl_policy, kl_reference, lengths, batch["label"])
+        return losses.loss_and_metrics(loss_name, logps, loss_params, batch.get("weight"))
 
     return loss_fn
 

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ PARAMS = [
 
 
 @pytest.mark.parametrize("params", PARAMS)
-@pytest.mark.parametrize("name", losses.loss_names())
+@pytest.mark.parametrize("name", [n for n in losses.loss_names() if losses.takes(n, paired=True)])
 def test_loss_matches_hand_computed(name, params):
     got = losses.pair_losses(name, pair_logps(), params)
     np.testing.assert_allclose(got, expected(name, params), rtol=1e-5, atol=1e-6)
@@ -127,3 +128,46 @@ def test_metric_weights_ignore_padding_rows():
     _, weighted = losses.loss_and_metrics("dpo", pair_logps(), params, jnp.array([1.0, 0.0]))
     assert float(weighted["rewards/accuracies"]) == 1.0
     assert float(weighted["rewards/margins"]) == pytest.approx(1.0)
+
+
+# Three unpaired examples (KTO): h = policy − reference = (1, −1, 1); labels desirable, undesirable, desirable.
+# Mismatched pairs: kl_policy − kl_reference = (1, −1, 1), mean 1/3 = the reference point z0.
+UNPAIRED = dict(policy=[-3.0, -5.0, -2.0], reference=[-4.0, -4.0, -3.0], kl_policy=[-6.0, -7.0, -5.0],
+                kl_reference=[-7.0, -6.0, -6.0], lengths=[3.0, 5.0, 2.0], labels=[1.0, 0.0, 1.0])
+
+
+def unpaired_logps(**changes):
+    return losses.UnpairedLogps(**{k: jnp.array(v, jnp.float32) for k, v in {**UNPAIRED, **changes}.items()})
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_matches_hand_computed():
+    params = losses.LossParams(beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    z0 = 1 / 3
+    want = [1.0 * (1 - sigmoid(0.5 * (1 - z0))), 1.5 * (1 - sigmoid(0.5 * (z0 + 1))), 1.0 * (1 - sigmoid(0.5 * (1 - z0)))]
+    np.testing.assert_allclose(losses.pair_losses("kto", unpaired_logps(), params), want, rtol=1e-6)
+    # The reference point is clamped at 0 and is a constant: no gradient flows through the mismatched pairs.
+    assert float(losses.kto_reference_point(unpaired_logps(kl_policy=[-9.0, -9.0, -9.0]))) == 0.0
+    grads = jax.grad(lambda kl: losses.pair_losses("kto", unpaired_logps()._replace(kl_policy=kl), params).sum())(
+        unpaired_logps().kl_policy)
+    assert not np.any(np.asarray(grads))
+    # reference_free: π_ref ≡ 1 for the completions and the mismatched pairs alike.
+    free = losses.pair_losses("kto", unpaired_logps(), losses.LossParams(beta=0.5, reference_free=True))
+    zeroed = unpaired_logps(reference=[0.0] * 3, kl_reference=[0.0] * 3)
+    np.testing.assert_allclose(free, losses.pair_losses("kto", zeroed, losses.LossParams(beta=0.5)))
+
+
+def test_kto_metrics_and_sft_on_unpaired_data():
+    params = losses.LossParams(beta=0.5)
+    _, metrics = losses.loss_and_metrics("kto", unpaired_logps(), params)
+    # rewards β·h = (0.5, −0.5, 0.5): desirable mean 0.5, undesirable −0.5; every sign matches its label.
+    assert float(metrics["rewards/chosen"]) == pytest.approx(0.5) and float(metrics["rewards/rejected"]) == -0.5
+    assert float(metrics["rewards/margins"]) == pytest.approx(1.0) and float(metrics["rewards/accuracies"]) == 1.0
+    assert float(metrics["logps/chosen"]) == pytest.approx(-2.5) and float(metrics["kl"]) == pytest.approx(1 / 3)
+    np.testing.assert_allclose(losses.pair_losses("sft", unpaired_logps(), params), [1.0, 1.0, 1.0])
+    assert losses.takes("sft", paired=False) and losses.takes("kto", paired=False) and not losses.takes("dpo", False)
+    with pytest.raises(ValueError, match="loss 'dpo' takes paired data, not unpaired"):
+        losses.pair_losses("dpo", unpaired_logps(), params)
