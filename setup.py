@@ -22,6 +22,12 @@ setup(
         "transformers>=5",
         "safetensors>=0.4",
         "huggingface_hub>=0.30",
+        "jinja2",  # chat templates
+        # The paper's datasets as TFDS array_record files (no TensorFlow), read through Grain; Parquet files.
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8",
+        "grain>=0.2.12",
+        "pyarrow",
     ],
     extras_require={
         "test": [

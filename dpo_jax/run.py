@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
@@ -29,6 +30,19 @@ from dpo_jax.metrics_writer import MetricsWriter, plot_training_curves
 from dpo_jax.train import TrainState, make_eval_step, make_loss_fn, make_optimizer, make_train_step
 
 STAGE_DATA_STREAMS = {"sft": 0, "dpo": 1}  # each stage's batch order: seed + this
+DATA_REPORT = "data_report.json"  # what the scan of each split kept, truncated and skipped (with origins)
+
+
+@dataclasses.dataclass
+class Data:
+    """A run's tokenised data: the train and eval examples, the eval prompts for sampling, and how batches pad."""
+
+    train: data.Examples
+    eval: data.Examples
+    prompt_tokens: np.ndarray  # [N, max_prompt_length], right-padded
+    prompt_lengths: np.ndarray  # [N]
+    buckets: tuple[int, ...]
+    pad_id: int
 
 
 @dataclasses.dataclass
@@ -39,17 +53,27 @@ class Run:
     workdir: str
     graphdef: Any
     model_config: Any
-    train_data: data.PreferenceDataset
-    eval_data: data.PreferenceDataset
+    data: Data
     writer: MetricsWriter
     signals: PreemptionSignals
 
 
-def evaluate_pairs(eval_step: Callable, params: Any, ref_params: Any, eval_data, batch_size: int) -> dict[str, float]:
-    """Metrics over every held-out pair exactly once (padding rows carry weight 0)."""
+def examples_for(loss_name: str, examples: data.Examples, source: str = "the data") -> data.Examples:
+    """The examples a loss trains on: as they are, or pairs split into desirable/undesirable ones for KTO."""
+    if losses.takes(loss_name, examples.paired):
+        return examples
+    if examples.paired:
+        return data.split_pairs(examples)
+    raise ValueError(f"loss {loss_name!r} needs paired data (chosen and rejected); {source} gives unpaired records")
+
+
+def evaluate_pairs(
+    eval_step: Callable, params: Any, ref_params: Any, examples: data.Examples, batch_size: int, buckets, pad_id: int
+) -> dict[str, float]:
+    """Metrics over every held-out example exactly once (padding rows carry weight 0)."""
     totals: dict[str, float] = {}
     weight_total = 0.0
-    for batch in eval_data.eval_batches(batch_size):
+    for batch in data.eval_batches(examples, batch_size, buckets, pad_id):
         metrics, weight = jax.device_get(eval_step(params, ref_params, batch))
         weight_total += float(weight)
         for name, value in metrics.items():
@@ -107,9 +131,15 @@ def train_stage(
     train_step = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps)
     eval_step = make_eval_step(loss_fn)
     batch_size, data_seed = config.train.batch_size, config.seed + STAGE_DATA_STREAMS[stage]
+    train_examples = examples_for(loss_name, run.data.train)
+    eval_examples = examples_for(loss_name, run.data.eval)
+    batches = data.TrainBatches(
+        train_examples, batch_size=batch_size, seed=data_seed, buckets=run.data.buckets, pad_id=run.data.pad_id
+    )
 
     def evaluate_params(p):
-        return evaluate_pairs(eval_step, p, ref_params, run.eval_data, config.train.eval_batch_size)
+        return evaluate_pairs(eval_step, p, ref_params, eval_examples, config.train.eval_batch_size,
+                              run.data.buckets, run.data.pad_id)
 
     initial_eval = evaluate_params(params) if evaluate_start else {}
     # A copy: the step donates the state's buffers, and `params` may be π_ref's own.
@@ -121,8 +151,10 @@ def train_stage(
     try:
         restored = checkpoints.restore(checkpoint.abstract(state))
         nonfinite = NonFiniteSteps(stage, config.train.max_nonfinite_steps)
+        data_state = None
         if restored is not None:
             state, meta = restored
+            data_state = meta["data_state"]
             nonfinite.total = meta.get("skipped_steps", 0)
             logging.info("%s: resumed from step %d (data position %d)", stage, int(state.step), meta["data_position"])
             changes = config_lib.changed_keys(meta["config"], config.to_dict())
@@ -130,12 +162,14 @@ def train_stage(
                 logging.warning("%s: resuming a run whose config differed: %s", stage, "; ".join(changes))
         first_step, num_steps = int(state.step), stage_config.num_steps
         run.writer.truncate(stage, first_step)  # what a killed run logged after its checkpoint is logged again
+        train_iterator = batches.iterator(data_state)
 
         def save(step):
             meta = {
                 "stage": stage,
                 "data_position": step * batch_size,
                 "data_seed": data_seed,
+                "data_state": train_iterator.get_state(),  # Grain's: where the next batch comes from
                 "rng_seed": config.seed,
                 "skipped_steps": nonfinite.total,
                 "config": config.to_dict(),
@@ -148,7 +182,7 @@ def train_stage(
                         disable=not config.train.progress_bar, dynamic_ncols=True)
         last_time, last_step = time.perf_counter(), first_step
         for step in progress:
-            batch = run.train_data.batch_at(step, batch_size, data_seed)
+            batch = next(train_iterator)
             state, metrics = train_step(state, ref_params, batch)
             done = step + 1
             nonfinite.add(done, metrics["skipped"])
@@ -223,28 +257,49 @@ def build_model(config: ml_collections.ConfigDict, tokenizer) -> tuple[Any, Any,
     return graphdef, params, model_config
 
 
-def build_data(config: ml_collections.ConfigDict, tokenizer):
-    """Tokenized train/eval pair datasets and the eval prompts, from the config's data source."""
-    fields = dict(
+def build_data(config: ml_collections.ConfigDict, tokenizer) -> Data:
+    """The config's data: each split's records from its source, scanned (tokenised once; bad records skipped and
+    counted, or with data.strict stopping the run), the eval prompts for sampling, and the length buckets."""
+    settings = dict(
         max_length=config.data.max_length,
         max_prompt_length=config.data.max_prompt_length,
         truncation_mode=config.data.truncation_mode,
     )
-    splits = {}
-    for split, num_pairs, seed in (
-        ("train", config.data.num_train_pairs, config.seed),
-        ("eval", config.data.num_eval_pairs, config.seed + 1),
-    ):
-        examples = data.load_source(config.data.source, num_pairs=num_pairs, seed=seed)
-        splits[split] = data.PreferenceDataset.from_examples(
-            examples, tokenizer, source_name=f"{config.data.source}/{split}", **fields
-        )
-        if split == "eval":
-            prompts = list(dict.fromkeys(example["prompt"] for example in examples))[: config.data.num_eval_prompts]
-    prompt_tokens = data.tokenize_prompts(
-        prompts, tokenizer, max_prompt_length=config.data.max_prompt_length, truncation_mode=config.data.truncation_mode
+    source = dict(
+        seed=config.seed, path=config.data.path, eval_path=config.data.eval_path,
+        eval_fraction=config.data.eval_fraction, tfds_data_dir=config.data.tfds_data_dir,
+        download=config.data.download, raw_dir=config.data.raw_dir,
     )
-    return splits["train"], splits["eval"], prompt_tokens
+    splits = {}
+    for split, num_records in (("train", config.data.num_train_pairs), ("eval", config.data.num_eval_pairs)):
+        records = data.load_split(config.data.source, split, num_records=num_records, **source)
+        splits[split] = data.scan(
+            records, tokenizer, strict=config.data.strict, name=f"{config.data.source}/{split}",
+            num_threads=config.data.num_threads, **settings,
+        )
+    for stage in _stages(config):
+        loss_name = "sft" if stage == "sft" else config.loss.name
+        for split, batch_size, key in (("train", config.train.batch_size, "batch_size"),
+                                       ("eval", config.train.eval_batch_size, "eval_batch_size")):
+            examples = examples_for(loss_name, splits[split], f"data.source = {config.data.source!r}")
+            if batch_size > len(examples):
+                raise ValueError(f"config.train.{key} = {batch_size} is more than the {len(examples)} {split} "
+                                 f"examples of data.source = {config.data.source!r}")
+    prompts = list(dict.fromkeys(tuple(e["prompt"].tolist()) for e in splits["eval"].encoded))
+    prompts = prompts[: config.data.num_eval_prompts]
+    prompt_tokens = np.full((len(prompts), config.data.max_prompt_length), tokenizer.pad_token_id, np.int32)
+    for i, prompt in enumerate(prompts):
+        prompt_tokens[i, : len(prompt)] = prompt
+    return Data(
+        train=splits["train"], eval=splits["eval"], prompt_tokens=prompt_tokens,
+        prompt_lengths=np.asarray([len(p) for p in prompts], np.int32),
+        buckets=data.length_buckets(config.data.max_length, tuple(config.data.length_buckets)),
+        pad_id=tokenizer.pad_token_id,
+    )
+
+
+def _stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return {"sft": ("sft",), "dpo": ("dpo",), "sft_then_dpo": ("sft", "dpo")}[config.mode]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -262,17 +317,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with user_errors(f"config.data.tokenizer = {config.data.tokenizer!r}"):
             tokenizer = data.get_tokenizer(config.data.tokenizer, config.model.path)
         with user_errors("data"):
-            train_data, eval_data, (prompt_tokens, prompt_lengths) = build_data(config, tokenizer)
+            run_data = build_data(config, tokenizer)
+        with open(os.path.join(workdir, DATA_REPORT), "w") as f:
+            json.dump({"train": run_data.train.report, "eval": run_data.eval.report}, f, indent=2)
         with user_errors(f"config.model.path = {config.model.path!r}" if config.model.path else "config.model"):
             graphdef, params, model_config = build_model(config, tokenizer)
         writer = MetricsWriter(workdir)
-        run = Run(config, workdir, graphdef, model_config, train_data, eval_data, writer, signals)
+        run = Run(config, workdir, graphdef, model_config, run_data, writer, signals)
         summary: dict[str, Any] = {
             "config": config.to_dict(),
-            "data": {"train": train_data.stats, "eval": eval_data.stats},
+            "data": {split: {k: v for k, v in e.report.items() if k != "skipped_examples"}
+                     for split, e in (("train", run_data.train), ("eval", run_data.eval))},
         }
         try:
-            summary.update(_run_stages(run, params, tokenizer, prompt_tokens, prompt_lengths))
+            summary.update(_run_stages(run, params, tokenizer))
         finally:
             writer.close()
     summary["wall_time_seconds"] = time.perf_counter() - started
@@ -282,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
-def _run_stages(run: Run, params: Any, tokenizer, prompt_tokens, prompt_lengths) -> dict[str, Any]:
+def _run_stages(run: Run, params: Any, tokenizer) -> dict[str, Any]:
     """The config's mode: Preferred-FT, DPO, or both in turn; then samples of π_ref and the policy."""
     config, results = run.config, {}
     if config.mode in ("sft", "sft_then_dpo"):
@@ -298,6 +356,7 @@ def _run_stages(run: Run, params: Any, tokenizer, prompt_tokens, prompt_lengths)
         ref_params = params  # Frozen: the step never updates it, and it is no part of the train state.
         params, results["dpo_initial"], results["dpo"] = train_stage(run, "dpo", params, ref_params, True)
         run.signals.stop(f"dpo step {config.dpo.num_steps}, the end of the stage (saved)")
+        prompt_tokens, prompt_lengths = run.data.prompt_tokens, run.data.prompt_lengths
         if len(prompt_tokens):  # data.num_eval_prompts = 0 skips the evaluation on samples
             sampling = dict(
                 tokenizer=tokenizer,

@@ -32,3 +32,35 @@ def make_fault_config():
     config.sft.num_steps = config.dpo.num_steps = 12
     config.train.update(checkpoint_every=3, eval_every=6)
     return config
+
+
+class _DieAt:
+    """A training-batch iterator that raises `error` instead of yielding batch `step` (an absolute step)."""
+
+    def __init__(self, iterator, step, error):
+        self.iterator, self.step, self.error = iterator, step, error
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.iterator.get_state()["next_index"] == self.step:
+            raise self.error
+        return next(self.iterator)
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+
+def interrupt_stage_at(monkeypatch, seed, step, error):
+    """Make the training batches of the stage whose data seed is `seed` raise `error` when batch `step` is due: a
+    run killed there, in process (the stage's seed is config.seed + run.STAGE_DATA_STREAMS[stage])."""
+    from dpo_jax import data
+
+    original = data.TrainBatches.iterator
+
+    def iterator(self, state=None, prefetch=2):
+        batches = original(self, state, prefetch)
+        return _DieAt(batches, step, error) if self.seed == seed else batches
+
+    monkeypatch.setattr(data.TrainBatches, "iterator", iterator)

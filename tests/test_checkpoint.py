@@ -7,7 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dpo_jax import checkpoint, data, run
+from conftest import interrupt_stage_at
+from dpo_jax import checkpoint, run
 from dpo_jax.errors import UserError
 
 
@@ -33,19 +34,11 @@ def test_resume_after_interruption_is_bitwise(tmp_path, monkeypatch, interrupt_s
     uninterrupted, resumed = str(tmp_path / "uninterrupted"), str(tmp_path / "resumed")
     run.train_and_evaluate(config, uninterrupted)
 
-    interrupt_seed = config.seed + (0 if interrupt_stage == "sft" else 1)
-    original_batch_at = data.PreferenceDataset.batch_at
-
-    def batch_at_then_die(self, step, batch_size, seed):
-        if step == 3 and seed == interrupt_seed:  # after the step-2 checkpoint, before step 4's
-            raise Interrupted
-        return original_batch_at(self, step, batch_size, seed)
-
-    monkeypatch.setattr(data.PreferenceDataset, "batch_at", batch_at_then_die)
-    with pytest.raises(Interrupted):
-        run.train_and_evaluate(config, resumed)
+    with monkeypatch.context() as patch:  # killed after the step-2 checkpoint, before step 4's
+        interrupt_stage_at(patch, config.seed + run.STAGE_DATA_STREAMS[interrupt_stage], 3, Interrupted())
+        with pytest.raises(Interrupted):
+            run.train_and_evaluate(config, resumed)
     assert final_state(resumed, interrupt_stage)[0] == 2
-    monkeypatch.setattr(data.PreferenceDataset, "batch_at", original_batch_at)
     run.train_and_evaluate(config, resumed)
 
     for stage in ("sft", "dpo"):

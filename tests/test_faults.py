@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto import event_pb2
 
-from conftest import make_fault_config, make_short_config
+from conftest import interrupt_stage_at, make_fault_config, make_short_config
 from dpo_jax import checkpoint, run
 from dpo_jax.errors import UserError
 from dpo_jax.metrics_writer import read_metrics
@@ -269,18 +269,10 @@ def test_a_kill_before_the_first_checkpoint_and_a_torn_line_leave_every_step_log
     class Killed(Exception):
         pass
 
-    original_batch_at = run.data.PreferenceDataset.batch_at
-    calls = []
-
-    def die_at_sft_step_1(self, step, batch_size, seed):  # step 1 of sft logs, the first checkpoint is at 2
-        calls.append(step)
-        if step == 1 and len(calls) == 2:
-            raise Killed
-        return original_batch_at(self, step, batch_size, seed)
-
-    monkeypatch.setattr(run.data.PreferenceDataset, "batch_at", die_at_sft_step_1)
-    with pytest.raises(Killed):
-        run.train_and_evaluate(config, workdir)
+    with monkeypatch.context() as patch:  # sft step 1 is logged, its first checkpoint is at step 2
+        interrupt_stage_at(patch, config.seed + run.STAGE_DATA_STREAMS["sft"], 1, Killed())
+        with pytest.raises(Killed):
+            run.train_and_evaluate(config, workdir)
     assert [r["step"] for r in read_metrics(workdir)] == [1]
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write('{"stage": "sft", "step": 2, "lo')  # what a kill in mid-write leaves
@@ -345,9 +337,15 @@ def test_user_errors_are_one_line_with_status_2(cli, tmp_path):
 
 def test_bad_data_and_a_missing_tokenizer_are_user_errors(tmp_path, monkeypatch):
     config = make_short_config()
-    monkeypatch.setitem(run.data._SOURCES, "synthetic_sentiment",
-                        lambda num_pairs, seed: [{"prompt": "review of the film :", "chosen": "", "rejected": "dull"}])
-    with pytest.raises(UserError, match=r"^data: synthetic_sentiment/train example 0: example field 'chosen' is empty$"):
+    config.data.strict = True
+    monkeypatch.setattr(run.data.sources.synthetic, "make_preference_pairs",
+                        lambda num, seed: [{"prompt": "review of the film :", "chosen": "", "rejected": "dull"}])
+    with pytest.raises(UserError, match=r"^data: synthetic_sentiment/train: synthetic_sentiment/train 0: "
+                                        r"empty_completion: 'chosen' is empty \(data.strict = True\)$"):
+        run.train_and_evaluate(config, str(tmp_path / "run"))
+    config.data.strict = False
+    with pytest.raises(UserError, match=r"^data: synthetic_sentiment/train: no usable records among 1 "
+                                        r"\(skipped: \{'empty_completion': 1\}\)$"):
         run.train_and_evaluate(config, str(tmp_path / "run"))
     config.data.tokenizer = f"hf:{tmp_path / 'no_tokenizer'}"
     with pytest.raises(UserError, match=r"^config\.data\.tokenizer = 'hf:.*no_tokenizer': tokenizer 'hf:.*"

@@ -258,8 +258,10 @@ def test_every_mismatch_is_an_error_that_names_it(tmp_path):
 def test_tokenizers_of_checkpoints_and_the_word_tokenizer(tmp_path):
     tokenizer = data.get_tokenizer("model", fixture_dir("llama"))
     assert isinstance(tokenizer, data.HFTokenizer)
-    assert tokenizer.tokenizer.pad_token_id is None and tokenizer.pad_token_id == tokenizer.eos_token_id == 0
-    assert tokenizer.vocab_size == 300 <= load_fixture("llama")[2].vocab_size
+    # Llama-2 style: <unk>, <s>, </s> = 0, 1, 2 and no pad token, so padding uses EOS
+    assert tokenizer.tokenizer.pad_token_id is None and tokenizer.pad_token_id == tokenizer.eos_token_id == 2
+    assert tokenizer.tokenizer.bos_token_id == 1
+    assert tokenizer.vocab_size <= load_fixture("llama")[2].vocab_size
     ids = tokenizer.encode("review of the film : great")
     assert ids and tokenizer.eos_token_id not in ids  # no special tokens added
     assert tokenizer.decode(ids + [tokenizer.eos_token_id, tokenizer.pad_token_id]) == "review of the film : great"

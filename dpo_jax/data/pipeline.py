@@ -1,139 +1,196 @@
-"""Tokenised preference data in memory, with deterministic, resumable batching.
+"""Preference data for the step: a scan that tokenises every record once (skipping or stopping on bad ones, and
+reporting them), then Grain pipelines of batches.
 
-Training order is the concatenation of per-epoch permutations `default_rng([seed, epoch]).permutation(N)`;
-batch `step` is examples [step·B, (step+1)·B) of that infinite order (a batch may straddle an epoch
-boundary). The global step is therefore the whole data position needed to resume.
+Training order: Grain's seeded global shuffle, reshuffled every epoch, repeated without end; process p of P takes
+examples p, p + P, ... of that order, so the global batch at a step is the same for any number of processes. Batch
+`step` of this process is random access (`TrainBatches.batch_at(step)`), and the iterator's state, saved with each
+checkpoint, resumes exactly there. Rows are padded to the smallest of a few length buckets that fits the batch, so
+jit compiles a handful of shapes rather than padding everything to max_length.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-import itertools
 from typing import Any, Iterator, Mapping, Sequence
 
+import grain
 import numpy as np
 from absl import logging
 
-from dpo_jax.data.tokenize import check_truncation_args, tokenize_pair
+from dpo_jax.data.records import BadRecord, is_paired
+from dpo_jax.data.tokenize import check_truncation_args, encode_record
 
-ARRAY_KEYS: tuple[str, ...] = ("chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask")
-
-
-@functools.lru_cache(maxsize=8)
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    perm.flags.writeable = False
-    return perm
+PAIRED_KEYS: tuple[str, ...] = ("chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask")
+UNPAIRED_KEYS: tuple[str, ...] = ("completion_tokens", "completion_loss_mask", "label", "kl_tokens", "kl_loss_mask")
+MAX_ORIGINS_PER_REASON = 10  # how many examples of each skip reason data_report.json names
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PreferenceDataset:
-    """Stacked [N, max_length] token ids (int32) and completion loss masks (float32) for chosen and rejected."""
+@dataclasses.dataclass
+class Examples:
+    """The tokenised good examples of one split (encode_record outputs, in source order) and the scan's report."""
 
-    chosen_tokens: np.ndarray
-    chosen_loss_mask: np.ndarray
-    rejected_tokens: np.ndarray
-    rejected_loss_mask: np.ndarray
-    stats: dict[str, int] = dataclasses.field(default_factory=dict)
-    source_name: str = ""
-
-    def __post_init__(self) -> None:
-        shape = self.chosen_tokens.shape
-        for key in ARRAY_KEYS:
-            if getattr(self, key).shape != shape or len(shape) != 2:
-                raise ValueError(f"PreferenceDataset: {key} has shape {getattr(self, key).shape}, expected 2-D {shape}")
-
-    @classmethod
-    def from_examples(
-        cls,
-        examples: Sequence[Mapping[str, Any]],
-        tokenizer,
-        *,
-        max_length: int,
-        max_prompt_length: int,
-        truncation_mode: str = "keep_end",
-        source_name: str = "",
-        skip_invalid: bool = False,
-    ) -> "PreferenceDataset":
-        """Tokenise every example; count and log truncations and (with `skip_invalid`) skipped invalid ones.
-
-        Invalid examples raise ValueError naming their index unless `skip_invalid`, which logs and counts them.
-        """
-        check_truncation_args(max_length, max_prompt_length, truncation_mode)  # Config errors are never skipped.
-        rows: dict[str, list[np.ndarray]] = {key: [] for key in ARRAY_KEYS}
-        num_truncated = num_skipped = 0
-        for index, example in enumerate(examples):
-            try:
-                out = tokenize_pair(
-                    example,
-                    tokenizer,
-                    max_length=max_length,
-                    max_prompt_length=max_prompt_length,
-                    truncation_mode=truncation_mode,
-                )
-            except ValueError as e:
-                if not skip_invalid:
-                    raise ValueError(f"{source_name or 'data'} example {index}: {e}") from e
-                logging.warning("%s: skipping invalid example %d: %s", source_name or "data", index, e)
-                num_skipped += 1
-                continue
-            num_truncated += int(out["truncated"])
-            for key in ARRAY_KEYS:
-                rows[key].append(out[key])
-        if not rows["chosen_tokens"]:
-            raise ValueError(f"{source_name or 'data'}: no valid examples ({num_skipped} skipped)")
-        stats = {"num_examples": len(rows["chosen_tokens"]), "num_truncated": num_truncated, "num_skipped": num_skipped}
-        # Truncation changes what is scored, so it is a warning, with the share of examples it touched.
-        log = logging.warning if num_truncated or num_skipped else logging.info
-        log(
-            "%s: %d examples, %d truncated (%.0f%%), %d skipped (max_length=%d, max_prompt_length=%d, %s)",
-            source_name or "data", stats["num_examples"], num_truncated, 100 * num_truncated / stats["num_examples"],
-            num_skipped, max_length, max_prompt_length, truncation_mode,
-        )  # fmt: skip
-        return cls(**{key: np.stack(rows[key]) for key in ARRAY_KEYS}, stats=stats, source_name=source_name)
+    encoded: list[dict]
+    paired: bool
+    report: dict[str, Any]
 
     def __len__(self) -> int:
-        return int(self.chosen_tokens.shape[0])
+        return len(self.encoded)
 
-    @property
-    def max_length(self) -> int:
-        """Padded sequence length T of every row."""
-        return int(self.chosen_tokens.shape[1])
 
-    def _rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return {key: getattr(self, key)[indices] for key in ARRAY_KEYS}
+def scan(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+    strict: bool = False,
+    name: str = "data",
+    num_threads: int = 8,
+) -> Examples:
+    """Tokenise every record (Grain reads and encodes in `num_threads` threads, in order).
 
-    def _check_batch_size(self, batch_size: int) -> None:
-        if not 1 <= batch_size <= len(self):
-            raise ValueError(f"batch_size must be in [1, {len(self)}] (the dataset size), got {batch_size}")
+    A bad record stops the scan with ValueError naming its origin and reason when `strict`; otherwise it is skipped
+    and counted by reason. The report ({"records", "examples", "truncated", "skipped": {reason: n},
+    "skipped_examples": {reason: [origins]}}) is logged: as a warning when anything was skipped or truncated.
+    """
+    check_truncation_args(max_length, max_prompt_length, truncation_mode)  # Settings errors are never skipped.
+    encode = functools.partial(
+        _encode_or_bad, tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+    )
+    read = grain.MapDataset.source(records).map(encode).to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * num_threads)
+    )
+    encoded, kinds, truncated = [], collections.Counter(), 0
+    skipped: collections.Counter = collections.Counter()
+    origins: dict[str, list[str]] = collections.defaultdict(list)
+    for index, (example, bad, paired) in enumerate(read):
+        if bad is not None:
+            origin = bad.origin or f"record {index}"
+            if strict:
+                raise ValueError(f"{name}: {origin}: {bad.reason}: {bad.detail} (data.strict = True)")
+            skipped[bad.reason] += 1
+            if len(origins[bad.reason]) < MAX_ORIGINS_PER_REASON:
+                origins[bad.reason].append(f"{origin}: {bad.detail}")
+            continue
+        kinds[paired] += 1
+        truncated += example["truncated"]
+        encoded.append(example)
+    if len(kinds) > 1:
+        raise ValueError(f"{name}: mixes paired ({kinds[True]}) and unpaired ({kinds[False]}) records; use one kind")
+    report = {
+        "records": len(records), "examples": len(encoded), "truncated": truncated,
+        "skipped": dict(sorted(skipped.items())), "skipped_examples": dict(sorted(origins.items())),
+    }
+    summary = (f"{name}: {len(records)} records, {len(encoded)} kept, {sum(skipped.values())} skipped "
+               f"{dict(sorted(skipped.items()))}, {truncated} truncated ({100 * truncated / max(len(encoded), 1):.0f}%)")
+    (logging.warning if skipped or truncated else logging.info)("%s", summary)
+    if not encoded:
+        raise ValueError(f"{name}: no usable records among {len(records)} (skipped: {dict(skipped)})")
+    return Examples(encoded, paired=bool(next(iter(kinds))), report=report)
 
-    def batch_at(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-        """The training batch at global `step`: examples [step·B, (step+1)·B) of the seeded infinite order."""
-        self._check_batch_size(batch_size)
+
+def _encode_or_bad(record, **settings) -> tuple[dict | None, BadRecord | None, bool]:
+    try:
+        return encode_record(record, **settings), None, is_paired(record)
+    except BadRecord as bad:
+        return None, bad, is_paired(record) if isinstance(record, Mapping) else True
+
+
+def split_pairs(examples: Examples) -> Examples:
+    """Paired examples as unpaired ones, as KTO can use them: each pair's chosen desirable, its rejected not."""
+    if not examples.paired:
+        return examples
+    unpaired = [
+        {"prompt": e["prompt"], "completion": e[name], "label": label, "truncated": e["truncated"]}
+        for e in examples.encoded for name, label in (("chosen", True), ("rejected", False))
+    ]
+    return Examples(unpaired, paired=False, report={**examples.report, "split_pairs": True})
+
+
+def length_buckets(max_length: int, buckets: Sequence[int] = ()) -> tuple[int, ...]:
+    """The padded lengths batches use: `buckets` (ascending, capped at max_length) plus max_length; by default
+    max_length / 4, / 2 and itself, rounded up to multiples of 8."""
+    if not buckets:
+        buckets = [-(-max_length // (4 * 8)) * 8, -(-max_length // (2 * 8)) * 8]
+    return tuple(sorted({b for b in buckets if 0 < b < max_length} | {max_length}))
+
+
+def _bucket(length: int, buckets: Sequence[int]) -> int:
+    return next(b for b in buckets if b >= length)
+
+
+def _rows(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], length: int, pad_id: int):
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.float32)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        tokens[i, : len(prompt)] = prompt
+        tokens[i, len(prompt) : len(prompt) + len(completion)] = completion
+        mask[i, len(prompt) : len(prompt) + len(completion)] = 1.0
+    return tokens, mask
+
+
+def collate(examples: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+    """A batch of encoded examples: right-padded [B, L] token rows and completion masks, L the smallest bucket that
+    fits. Paired: chosen_* and rejected_*. Unpaired: completion_*, label (1.0 desirable), and kl_* rows pairing
+    prompt i with completion i + 1 (mod B), the mismatched pairs KTO's reference point is estimated on."""
+    prompts = [e["prompt"] for e in examples]
+    if "chosen" in examples[0]:
+        pieces = {key: [e[key] for e in examples] for key in ("chosen", "rejected")}
+    else:
+        completions = [e["completion"] for e in examples]
+        pieces = {"completion": completions, "kl": completions[1:] + completions[:1]}
+    length = _bucket(max(len(p) + len(c) for parts in pieces.values() for p, c in zip(prompts, parts)), buckets)
+    batch = {}
+    for key, parts in pieces.items():
+        batch[f"{key}_tokens"], batch[f"{key}_loss_mask"] = _rows(prompts, parts, length, pad_id)
+    if "completion" in pieces:
+        batch["label"] = np.asarray([e["label"] for e in examples], np.float32)
+    return batch
+
+
+class TrainBatches:
+    """This process's training batches, endless: random access by step, and a Grain iterator whose state resumes."""
+
+    def __init__(
+        self, examples: Examples, *, batch_size: int, seed: int, buckets: Sequence[int], pad_id: int,
+        process_index: int = 0, process_count: int = 1,
+    ):
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+        if not 1 <= batch_size <= len(examples):
+            raise ValueError(f"batch_size must be in [1, {len(examples)}] (the number of examples), got {batch_size}")
+        self.seed, self.batch_size = seed, batch_size
+        dataset = grain.MapDataset.source(examples.encoded).shuffle(seed=seed).repeat(None)
+        self.dataset = dataset[process_index::process_count].batch(
+            batch_size // process_count, batch_fn=functools.partial(collate, buckets=tuple(buckets), pad_id=pad_id)
+        )
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of global step `step` (this process's share)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        n = len(self)
-        positions = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
-        epochs, offsets = positions // n, positions % n
-        indices = np.empty_like(positions)
-        for epoch in np.unique(epochs):
-            sel = epochs == epoch
-            indices[sel] = _epoch_permutation(seed, int(epoch), n)[offsets[sel]]
-        return self._rows(indices)
+        return self.dataset[step]
 
-    def iterate(self, start_step: int, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        """Endless batches `batch_at(start_step)`, `batch_at(start_step + 1)`, ... (resume = pass the step)."""
-        self._check_batch_size(batch_size)  # Eagerly, not at the first next().
-        return (self.batch_at(step, batch_size, seed) for step in itertools.count(start_step))
+    def iterator(self, state: Mapping | None = None, prefetch: int = 2) -> grain.DatasetIterator:
+        """Batches from step 0, or from where `state` (an earlier iterator's get_state()) left off, prefetched."""
+        iterator = iter(self.dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
+        if state is not None:
+            iterator.set_state(dict(state))
+        return iterator
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Every example once, in order, in full batches; the last is padded by repeating rows with `weight` 0."""
-        self._check_batch_size(batch_size)
-        return (self._eval_batch(start, batch_size) for start in range(0, len(self), batch_size))
 
-    def _eval_batch(self, start: int, batch_size: int) -> dict[str, np.ndarray]:
+def eval_batches(examples: Examples, batch_size: int, buckets: Sequence[int], pad_id: int) -> Iterator[dict]:
+    """Every example once, in order, in full batches; the last is padded by repeating rows with `weight` 0."""
+    n = len(examples)
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}] (the number of examples), got {batch_size}")
+    for start in range(0, n, batch_size):
         positions = np.arange(start, start + batch_size)
-        batch = self._rows(positions % len(self))
-        batch["weight"] = (positions < len(self)).astype(np.float32)
-        return batch
+        batch = collate([examples.encoded[i % n] for i in positions], buckets, pad_id)
+        batch["weight"] = (positions < n).astype(np.float32)
+        yield batch
+

@@ -1,18 +1,25 @@
 """Tokenizers: the built-in word tokenizer of the synthetic task, and Hugging Face tokenizers, behind one interface.
 
 Callers rely only on `pad_token_id`, `eos_token_id`, `vocab_size` (every id the tokenizer can produce),
-`encode(text, add_special_tokens=False)`, `decode(ids)` (special tokens dropped) and `save_pretrained(dir)`.
+`encode(text, add_special_tokens=False)`, `decode(ids)` (special tokens dropped), `special_prefix` (the ids a
+tokenizer puts before a text on its own, e.g. Llama's BOS), `special_ids`, `render_chat(messages, ...)` (the chat
+template) and `save_pretrained(dir)`.
 Names `get_tokenizer` accepts: "synthetic_words"; "hf:<directory or repo id>" (transformers.AutoTokenizer);
 "model", the tokenizer saved beside the checkpoint at `config.model.path`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Sequence
 
 from dpo_jax.data import synthetic
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<unk>")
+
+
+class NoChatTemplate(ValueError):
+    """Chat-message data met a tokenizer without a chat template: a setup error, not one record's."""
 HF_PREFIX = "hf:"
 MODEL_TOKENIZER = "model"  # the tokenizer of config.model.path
 
@@ -48,6 +55,18 @@ class WordTokenizer:
         skip = (self.pad_token_id, self.eos_token_id)
         return " ".join(self.id_to_word[int(i)] for i in ids if int(i) not in skip)
 
+    special_prefix: tuple[int, ...] = ()  # no BOS
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that are no text: pad, eos, unk."""
+        return frozenset((self.pad_token_id, self.eos_token_id, self.unk_token_id))
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The word tokenizer has no chat template: chat data needs a Hugging Face tokenizer."""
+        raise NoChatTemplate("the synthetic_words tokenizer has no chat template; chat-message data needs a "
+                             "tokenizer with one (data.tokenizer = 'model' or 'hf:<path>')")
+
     def to_hf(self):
         """The same tokenizer as a transformers fast tokenizer (a `tokenizers` WordLevel model): same ids, same text."""
         import transformers
@@ -71,7 +90,7 @@ class HFTokenizer:
     def __init__(self, tokenizer: Any, name: str = "") -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {name or tokenizer.name_or_path!r} has no EOS token; DPO appends EOS to completions")
-        self.tokenizer = tokenizer
+        self.tokenizer, self.name = tokenizer, name or tokenizer.name_or_path
         self.eos_token_id: int = tokenizer.eos_token_id
         self.bos_token_id: int | None = tokenizer.bos_token_id
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -88,6 +107,27 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` without special tokens (EOS, padding)."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @functools.cached_property
+    def special_prefix(self) -> tuple[int, ...]:
+        """The ids the tokenizer puts before a text encoded with its special tokens: (BOS,) for Llama, () for GPT-2."""
+        plain = self.tokenizer.encode("a", add_special_tokens=False)
+        full = self.tokenizer.encode("a", add_special_tokens=True)
+        start = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
+        return tuple(full[:start])
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (BOS, EOS, pad, chat markers): no text of their own."""
+        return frozenset(self.tokenizer.all_special_ids)
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """`messages` as text through the tokenizer's chat template (ValueError if it has none)."""
+        if not self.tokenizer.chat_template:
+            raise NoChatTemplate(f"tokenizer {self.name!r} has no chat template; chat-message data needs one")
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def save_pretrained(self, directory: str) -> None:
         """Write the tokenizer's own files."""
