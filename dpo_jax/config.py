@@ -8,6 +8,7 @@ names the offending key and what is allowed.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -46,14 +47,25 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.data = ml_collections.ConfigDict(
         dict(
+            # synthetic_sentiment (embedded), file (data.path), or the paper's datasets: tldr, hh, shp, imdb.
             source="synthetic_sentiment",
             tokenizer="synthetic_words",  # or "model" (the checkpoint's own), or "hf:<directory or repo id>"
+            # synthetic: how many pairs to generate; other sources: the most records to read (0: all).
             num_train_pairs=4096,
             num_eval_pairs=256,
-            num_eval_prompts=64,
+            num_eval_prompts=64,  # eval prompts sampled from at evaluation (0: no evaluation on samples)
             max_length=512,  # reference code: pairs truncated to 512 tokens ...
             max_prompt_length=256,  # ... prompts to 256, keeping the END of the prompt.
             truncation_mode="keep_end",
+            path="",  # source=file: a JSONL / JSON / Parquet preference file
+            eval_path="",  # source=file: held-out records; '' splits off data.eval_fraction of data.path, seeded
+            eval_fraction=0.05,
+            tfds_data_dir="",  # where TFDS prepares the paper's datasets ('' : ~/tensorflow_datasets)
+            download=True,  # fetch raw data from its original location when not prepared yet
+            raw_dir="",  # or prepare the paper's datasets from a local copy of their raw files (original layout)
+            strict=False,  # a bad record stops the run (True) or is skipped and counted in data_report.json
+            length_buckets=(),  # padded lengths of batches; () : max_length / 4, / 2 and itself
+            num_threads=8,  # Grain threads tokenising the records at start
         )
     )
     config.loss = ml_collections.ConfigDict(
@@ -65,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
             alpha=1.0,
             gamma=0.5,
             orpo_lambda=0.1,
+            desirable_weight=1.0,  # kto λ_D
+            undesirable_weight=1.0,  # kto λ_U
         )
     )
     config.optimizer = ml_collections.ConfigDict(
@@ -188,8 +202,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         data.check_tokenizer_name(config.data.tokenizer, config.model.path)
     except ValueError as error:
         raise ConfigError(f"config.data.tokenizer = {config.data.tokenizer!r} is invalid: {error}") from error
-    for key in ("num_train_pairs", "num_eval_pairs", "max_length", "max_prompt_length"):
+    for key in ("max_length", "max_prompt_length"):
         _positive_int(config, f"data.{key}")
+    synthetic = config.data.source == "synthetic_sentiment"  # generates this many; other sources read at most (0: all)
+    for key in ("num_train_pairs", "num_eval_pairs"):
+        _positive_int(config, f"data.{key}", allow_zero=not synthetic)
     _positive_int(config, "data.num_eval_prompts", allow_zero=True)
     _check(
         config.data.max_prompt_length < config.data.max_length,
@@ -198,6 +215,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.data.max_prompt_length,
     )
     _choice(config, "data.truncation_mode", data.TRUNCATION_MODES)
+    for key in ("path", "eval_path", "tfds_data_dir", "raw_dir"):
+        _check(isinstance(config.data[key], str), f"data.{key}", "a path string", config.data[key])
+    if config.data.source == "file":
+        for key in ("path", "eval_path"):
+            path = config.data[key]
+            _check(bool(path) or key == "eval_path", f"data.{key}", "a preference file (data.source = 'file')", path)
+            _check(not path or os.path.isfile(path), f"data.{key}", "an existing file", path)
+    _check(not config.data.raw_dir or os.path.isdir(config.data.raw_dir), "data.raw_dir", "an existing directory",
+           config.data.raw_dir)
+    _number(config, "data.eval_fraction", 0, 0.5, low_open=True)
+    _choice(config, "data.download", (True, False))
+    _choice(config, "data.strict", (True, False))
+    buckets = config.data.length_buckets
+    _check(
+        isinstance(buckets, (tuple, list)) and all(isinstance(b, int) and 0 < b <= config.data.max_length for b in buckets),
+        "data.length_buckets",
+        f"a tuple of lengths in [1, data.max_length = {config.data.max_length}] (or () for the default)",
+        buckets,
+    )
+    _positive_int(config, "data.num_threads")
 
     _choice(config, "loss.name", losses.loss_names())
     _number(config, "loss.beta", 0, inf, low_open=True)
@@ -205,6 +242,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "loss.reference_free", (True, False))
     for key in ("alpha", "gamma", "orpo_lambda"):
         _number(config, f"loss.{key}", -inf, inf)
+    for key in ("desirable_weight", "undesirable_weight"):
+        _number(config, f"loss.{key}", 0, inf, low_open=True)
 
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
@@ -240,6 +279,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.train.grad_accum_steps,
     )
     for key, size in (("train.batch_size", "num_train_pairs"), ("train.eval_batch_size", "num_eval_pairs")):
+        if not config.data[size]:  # all of the source: checked against the examples it yields
+            continue
         _check(
             _get(config, key) <= config.data[size],
             key,
@@ -257,8 +298,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     for key, value in tree.items():
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
+        else:  # a saved config is JSON, where tuples come back as lists
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return flat
 
 
