@@ -42,9 +42,24 @@ def base_config() -> ml_collections.ConfigDict:
             rope_theta=10000.0,
             rms_norm_eps=1e-6,
             tie_embeddings=False,
+            # Params and optimizer state are always float32; `dtype` is the compute dtype (bfloat16 on TPU/GPU).
+            # Log-probs and the loss are float32 either way.
             dtype="float32",
+            reference_dtype="float32",  # the frozen π_ref's storage: bfloat16 halves its memory
+            remat="none",  # recompute activations in the backward pass: none, block (keep matmuls), full
         )
     )
+    # Devices: a Mesh of data × fsdp × tensor (-1: the rest of the devices); see sharding.py.
+    config.mesh = ml_collections.ConfigDict(
+        dict(
+            data=1,
+            fsdp=-1,
+            tensor=1,
+            distributed="auto",  # jax.distributed: auto (when JAX_COORDINATOR_ADDRESS is set), on, off
+            device_memory_gb=0.0,  # dry_run: say whether the run fits this much memory per device (0: not asked)
+        )
+    )
+    config.dry_run = False  # print each device's memory for params, optimizer, π_ref, activations; then exit
     config.data = ml_collections.ConfigDict(
         dict(
             # synthetic_sentiment (embedded), file (data.path), or the paper's datasets: tldr, hh, shp, imdb.
@@ -184,6 +199,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     _check(isinstance(config.model.path, str), "model.path", "a path or repo id string ('' for none)", config.model.path)
     _choice(config, "model.dtype", models.COMPUTE_DTYPES)
+    _choice(config, "model.reference_dtype", ("float32", "bfloat16"))
+    _choice(config, "model.remat", models.REMAT_MODES)
+    for axis in ("data", "fsdp", "tensor"):
+        _check(isinstance(config.mesh[axis], int) and (config.mesh[axis] >= 1 or config.mesh[axis] == -1),
+               f"mesh.{axis}", "a positive number of devices, or -1 for the rest", config.mesh[axis])
+    _check([config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
+           "at most one axis of -1", config.mesh.to_dict())
+    _choice(config, "mesh.distributed", ("auto", "on", "off"))
+    _number(config, "mesh.device_memory_gb", 0, inf)
+    _choice(config, "dry_run", (True, False))
     if config.model.path:
         try:  # A local checkpoint is checked now; a repo id when it is fetched.
             if models.is_local_path(config.model.path):

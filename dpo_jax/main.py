@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging as std_logging
 import sys
 import traceback
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -67,6 +68,8 @@ def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_keep_log_record)
     sys.unraisablehook = _unraisable
+    if not _VERBOSE.value:  # the same leftovers of a failed save, collected at exit: "coroutine ... never awaited"
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     try:
         run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except errors.RunStopped as stop:

@@ -72,6 +72,22 @@ class MetricsWriter:
         self._boards.clear()
 
 
+class NullWriter:
+    """What processes other than 0 of a multi-host run write: nothing (process 0 writes the one metrics file)."""
+
+    def truncate(self, stage: str, step: int) -> None:
+        """Nothing to truncate."""
+
+    def write(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        """Drop the record."""
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def read_metrics(workdir: str) -> list[dict]:
     """All records of `<workdir>/metrics.jsonl`, in order; a line that does not parse (the torn last line a killed
     write or a full disk leaves) is dropped with a warning."""

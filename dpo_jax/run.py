@@ -8,6 +8,7 @@ docs/reliability.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,12 +23,13 @@ from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from dpo_jax import checkpoint, data, evaluate, losses, models
+from dpo_jax import checkpoint, data, evaluate, losses, models, sharding
 from dpo_jax import config as config_lib
 from dpo_jax.errors import NonFiniteTraining, user_errors
 from dpo_jax.guards import PreemptionSignals, WorkdirLock
-from dpo_jax.metrics_writer import MetricsWriter, plot_training_curves
-from dpo_jax.train import TrainState, make_eval_step, make_loss_fn, make_optimizer, make_train_step
+from dpo_jax.metrics_writer import MetricsWriter, NullWriter, plot_training_curves
+from dpo_jax.optimizer import make_optimizer
+from dpo_jax.step import StepShardings, TrainState, make_eval_step, make_loss_fn, make_train_step
 
 STAGE_DATA_STREAMS = {"sft": 0, "dpo": 1}  # each stage's batch order: seed + this
 DATA_REPORT = "data_report.json"  # what the scan of each split kept, truncated and skipped (with origins)
@@ -51,11 +53,16 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: str
+    mesh: jax.sharding.Mesh
     graphdef: Any
     model_config: Any
     data: Data
-    writer: MetricsWriter
+    writer: MetricsWriter | NullWriter  # process 0 writes metrics; the others a NullWriter
     signals: PreemptionSignals
+
+    @property
+    def family(self) -> str:
+        return models.family_of(self.model_config).name
 
 
 def examples_for(loss_name: str, examples: data.Examples, source: str = "the data") -> data.Examples:
@@ -68,13 +75,14 @@ def examples_for(loss_name: str, examples: data.Examples, source: str = "the dat
 
 
 def evaluate_pairs(
-    eval_step: Callable, params: Any, ref_params: Any, examples: data.Examples, batch_size: int, buckets, pad_id: int
+    eval_step: Callable, params: Any, ref_params: Any, examples: data.Examples, batch_size: int, buckets, pad_id: int,
+    mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
     """Metrics over every held-out example exactly once (padding rows carry weight 0)."""
     totals: dict[str, float] = {}
     weight_total = 0.0
     for batch in data.eval_batches(examples, batch_size, buckets, pad_id):
-        metrics, weight = jax.device_get(eval_step(params, ref_params, batch))
+        metrics, weight = jax.device_get(eval_step(params, ref_params, sharding.whole_batch(batch, mesh)))
         weight_total += float(weight)
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + float(value) * float(weight)
@@ -114,6 +122,32 @@ class NonFiniteSteps:
                 )
 
 
+def compile_stage(
+    config: ml_collections.ConfigDict, stage: str, graphdef: Any, family: str, mesh: jax.sharding.Mesh, params: Any,
+    ref_params: Any,
+) -> tuple[TrainState, Callable, Callable]:
+    """(initial TrainState on its shardings, train step, eval step) of `stage`, compiled for `mesh`: state sharded by
+    the partition rules, π_ref where it lies (None: a loss without reference), batches over the data axes."""
+    loss_name = "sft" if stage == "sft" else config.loss.name
+    tx, schedule = make_optimizer(config.optimizer, config[stage])
+
+    def create_state(p):
+        return TrainState.create(p, tx)
+
+    shardings = StepShardings(
+        state=sharding.tree_shardings(jax.eval_shape(create_state, params), family, mesh),
+        ref_params=None if ref_params is None else jax.tree.map(lambda x: x.sharding, ref_params),
+        batch=sharding.batch_sharding(mesh),
+        replicated=sharding.replicated(mesh),
+    )
+    loss_fn = make_loss_fn(graphdef, loss_name, _loss_params(config), config.train.logprob_chunk_size)
+    train_step = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps, shardings)
+    eval_step = make_eval_step(loss_fn, shardings)
+    # Created on its shardings from a copy: the step donates the state's buffers, and `params` may be π_ref's own.
+    state = jax.jit(create_state, out_shardings=shardings.state)(jax.tree.map(jnp.copy, params))
+    return state, train_step, eval_step
+
+
 def train_stage(
     run: Run, stage: str, params: Any, ref_params: Any, evaluate_start: bool = False
 ) -> tuple[Any, dict[str, float], dict[str, float]]:
@@ -123,27 +157,22 @@ def train_stage(
     """
     config, stage_config = run.config, run.config[stage]
     loss_name = "sft" if stage == "sft" else config.loss.name
-    loss_params = _loss_params(config)
-    if not losses.uses_reference(loss_name, loss_params):
+    if not losses.uses_reference(loss_name, _loss_params(config)):
         ref_params = None
-    tx, schedule = make_optimizer(config.optimizer, stage_config)
-    loss_fn = make_loss_fn(run.graphdef, loss_name, loss_params, config.train.logprob_chunk_size)
-    train_step = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps)
-    eval_step = make_eval_step(loss_fn)
+    state, train_step, eval_step = compile_stage(config, stage, run.graphdef, run.family, run.mesh, params, ref_params)
     batch_size, data_seed = config.train.batch_size, config.seed + STAGE_DATA_STREAMS[stage]
     train_examples = examples_for(loss_name, run.data.train)
     eval_examples = examples_for(loss_name, run.data.eval)
     batches = data.TrainBatches(
-        train_examples, batch_size=batch_size, seed=data_seed, buckets=run.data.buckets, pad_id=run.data.pad_id
+        train_examples, batch_size=batch_size, seed=data_seed, buckets=run.data.buckets, pad_id=run.data.pad_id,
+        process_index=jax.process_index(), process_count=jax.process_count(),
     )
 
     def evaluate_params(p):
         return evaluate_pairs(eval_step, p, ref_params, eval_examples, config.train.eval_batch_size,
-                              run.data.buckets, run.data.pad_id)
+                              run.data.buckets, run.data.pad_id, run.mesh)
 
     initial_eval = evaluate_params(params) if evaluate_start else {}
-    # A copy: the step donates the state's buffers, and `params` may be π_ref's own.
-    state = TrainState.create(jax.tree.map(jnp.copy, params), tx)
     checkpoints = checkpoint.StageCheckpoints(
         run.workdir, stage, config.train.keep_checkpoints, config.train.max_save_failures
     )
@@ -161,7 +190,8 @@ def train_stage(
             if changes:
                 logging.warning("%s: resuming a run whose config differed: %s", stage, "; ".join(changes))
         first_step, num_steps = int(state.step), stage_config.num_steps
-        run.writer.truncate(stage, first_step)  # what a killed run logged after its checkpoint is logged again
+        writer = run.writer
+        writer.truncate(stage, first_step)  # what a killed run logged after its checkpoint is logged again
         train_iterator = batches.iterator(data_state)
 
         def save(step):
@@ -179,10 +209,10 @@ def train_stage(
 
         eval_metrics: dict[str, float] = {}
         progress = tqdm(range(first_step, num_steps), initial=first_step, total=num_steps, desc=stage,
-                        disable=not config.train.progress_bar, dynamic_ncols=True)
+                        disable=not (config.train.progress_bar and is_main_process()), dynamic_ncols=True)
         last_time, last_step = time.perf_counter(), first_step
         for step in progress:
-            batch = next(train_iterator)
+            batch = sharding.global_batch(next(train_iterator), run.mesh)
             state, metrics = train_step(state, ref_params, batch)
             done = step + 1
             nonfinite.add(done, metrics["skipped"])
@@ -202,7 +232,7 @@ def train_stage(
                 if done % config.train.eval_every == 0 or done == num_steps:
                     eval_metrics = evaluate_params(state.params)
                     host.update({f"eval/{k}": v for k, v in eval_metrics.items()})
-                run.writer.write(stage, done, host)
+                writer.write(stage, done, host)
                 progress.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['rewards/accuracies']:.2f}",
                                      margin=f"{host['rewards/margins']:.3f}")
                 last_time, last_step = time.perf_counter(), done  # Eval and I/O time stay out of the rate.
@@ -213,7 +243,7 @@ def train_stage(
                     save(done)
             if stop_now:
                 checkpoints.wait()
-                run.writer.flush()
+                writer.flush()
                 run.signals.stop(f"{stage} step {done} (resumes from {stage} step {checkpoints.latest_step()})")
         checkpoints.wait()
     finally:  # Also when interrupted: complete and report the save in flight.
@@ -232,29 +262,48 @@ def _loss_params(config: ml_collections.ConfigDict) -> losses.LossParams:
     return losses.LossParams(**fields)
 
 
-def build_model(config: ml_collections.ConfigDict, tokenizer) -> tuple[Any, Any, Any]:
-    """(graphdef, params, model config) to start from: the checkpoint at `config.model.path` (float32 params,
-    compute in `config.model.dtype`), or a random model of `config.model`'s family and sizes."""
-    if config.model.path:
-        graphdef, params, model_config = models.load_hf(config.model.path)
-        if model_config.dtype != config.model.dtype:
-            model_config = dataclasses.replace(model_config, dtype=config.model.dtype)
-            graphdef, _ = models.abstract_model(model_config)
-        defaults = config_lib.base_config().model
-        ignored = sorted(k for k in config.model if k not in ("path", "dtype") and config.model[k] != defaults.get(k))
-        if ignored:
-            logging.warning("model.path is set, so config.model.%s are ignored: the checkpoint's config.json "
-                            "defines the architecture", ", ".join(ignored))
-    else:
-        model_config = models.config_from_section(config.model, vocab_size=tokenizer.vocab_size)
-        graphdef, params = models.split_params(models.model_from_config(model_config, nnx.Rngs(config.seed)))
+def model_config_of(config: ml_collections.ConfigDict, vocab_size: int) -> Any:
+    """The architecture to train, without allocating it: `config.model.path`'s config.json, or a random model of
+    `config.model`'s family and sizes (vocabulary `vocab_size`); compute dtype and remat from `config.model`."""
+    if not config.model.path:
+        return models.config_from_section(config.model, vocab_size=vocab_size)
+    defaults = config_lib.base_config().model
+    ignored = sorted(k for k in config.model if k not in ("path", "dtype", "reference_dtype", "remat")
+                     and config.model[k] != defaults.get(k))
+    if ignored:
+        logging.warning("model.path is set, so config.model.%s are ignored: the checkpoint's config.json "
+                        "defines the architecture", ", ".join(ignored))
+    return dataclasses.replace(models.read_hf_config(config.model.path, config.model.dtype), remat=config.model.remat)
+
+
+def build_model(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding.Mesh) -> tuple[Any, Any, Any]:
+    """(graphdef, float32 params, model config) to start from, each parameter created or loaded straight onto its
+    sharding (never whole on one device): the checkpoint at `config.model.path`, or a random model."""
+    model_config = model_config_of(config, tokenizer.vocab_size)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(
             f"tokenizer {config.data.tokenizer!r} has {tokenizer.vocab_size} ids but the model's vocabulary has "
             f"{model_config.vocab_size}: its ids would index past the embedding table"
         )
+    graphdef, abstract = models.abstract_model(model_config)
+    shardings = sharding.tree_shardings(abstract, models.family_of(model_config).name, mesh)
+    if config.model.path:
+        by_path = {models.param_path(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+        _, params, _ = models.load_hf(config.model.path, shardings=lambda path, _: by_path[path])
+    else:
+        init = lambda: models.split_params(models.model_from_config(model_config, nnx.Rngs(config.seed)))[1]  # noqa: E731
+        params = jax.jit(init, out_shardings=shardings)()
     logging.info("model: %s", model_config)
     return graphdef, params, model_config
+
+
+def reference_params(params: Any, dtype: str) -> Any:
+    """π_ref as stored: `params` themselves, or a copy cast to `dtype` (bfloat16 halves its memory; the model still
+    computes in its compute dtype and log-probs stay float32), on the same shardings."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return params
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                   out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
 
 
 def build_data(config: ml_collections.ConfigDict, tokenizer) -> Data:
@@ -310,20 +359,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     config_lib.validate(config)
     started = time.perf_counter()
+    sharding.initialize_distributed(config.mesh.distributed)
+    mesh = make_mesh(config)
+    main = is_main_process()
     os.makedirs(workdir, exist_ok=True)
-    with WorkdirLock(workdir), PreemptionSignals() as signals:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    # One launch per workdir: process 0 holds the lock for all of a multi-host run's processes.
+    with WorkdirLock(workdir) if main else contextlib.nullcontext(), PreemptionSignals() as signals:
+        if main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
         with user_errors(f"config.data.tokenizer = {config.data.tokenizer!r}"):
             tokenizer = data.get_tokenizer(config.data.tokenizer, config.model.path)
         with user_errors("data"):
             run_data = build_data(config, tokenizer)
-        with open(os.path.join(workdir, DATA_REPORT), "w") as f:
-            json.dump({"train": run_data.train.report, "eval": run_data.eval.report}, f, indent=2)
+        if main:
+            with open(os.path.join(workdir, DATA_REPORT), "w") as f:
+                json.dump({"train": run_data.train.report, "eval": run_data.eval.report}, f, indent=2)
         with user_errors(f"config.model.path = {config.model.path!r}" if config.model.path else "config.model"):
-            graphdef, params, model_config = build_model(config, tokenizer)
-        writer = MetricsWriter(workdir)
-        run = Run(config, workdir, graphdef, model_config, run_data, writer, signals)
+            graphdef, params, model_config = build_model(config, tokenizer, mesh)
+        writer = MetricsWriter(workdir) if main else NullWriter()
+        run = Run(config, workdir, mesh, graphdef, model_config, run_data, writer, signals)
         summary: dict[str, Any] = {
             "config": config.to_dict(),
             "data": {split: {k: v for k, v in e.report.items() if k != "skipped_examples"}
@@ -334,10 +389,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         finally:
             writer.close()
     summary["wall_time_seconds"] = time.perf_counter() - started
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    plot_training_curves(workdir)
+    if main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        plot_training_curves(workdir)
     return summary
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0, the one that writes metrics, TensorBoard, plots, reports and the progress bar."""
+    return jax.process_index() == 0
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's Mesh over every device, checked against the batch sizes it must split (ConfigError names them)."""
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+    except ValueError as error:
+        raise config_lib.ConfigError(str(error)) from error
+    rows = sharding.batch_rows(mesh)
+    for key, value, size in (
+        ("batch_size", config.train.batch_size, config.train.batch_size // config.train.grad_accum_steps),
+        ("eval_batch_size", config.train.eval_batch_size, config.train.eval_batch_size),
+    ):
+        if size % rows or size % jax.process_count():
+            raise config_lib.ConfigError(
+                f"config.train.{key} = {value} is invalid: each (micro-)batch of {size} rows must split evenly over "
+                f"mesh.data × mesh.fsdp = {rows} devices and {jax.process_count()} processes")
+    logging.info("mesh: %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+    return mesh
 
 
 def _run_stages(run: Run, params: Any, tokenizer) -> dict[str, Any]:
@@ -353,7 +433,8 @@ def _run_stages(run: Run, params: Any, tokenizer) -> dict[str, Any]:
         logging.warning("mode=dpo without dpo.reference_workdir or model.path: π_ref is a random model")
 
     if config.mode in ("dpo", "sft_then_dpo"):
-        ref_params = params  # Frozen: the step never updates it, and it is no part of the train state.
+        # Frozen: the step never updates it, and it is no part of the train state.
+        ref_params = reference_params(params, config.model.reference_dtype)
         params, results["dpo_initial"], results["dpo"] = train_stage(run, "dpo", params, ref_params, True)
         run.signals.stop(f"dpo step {config.dpo.num_steps}, the end of the stage (saved)")
         prompt_tokens, prompt_lengths = run.data.prompt_tokens, run.data.prompt_lengths

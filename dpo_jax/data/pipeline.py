@@ -4,8 +4,8 @@ reporting them), then Grain pipelines of batches.
 Training order: Grain's seeded global shuffle, reshuffled every epoch, repeated without end; process p of P takes
 examples p, p + P, ... of that order, so the global batch at a step is the same for any number of processes. Batch
 `step` of this process is random access (`TrainBatches.batch_at(step)`), and the iterator's state, saved with each
-checkpoint, resumes exactly there. Rows are padded to the smallest of a few length buckets that fits the batch, so
-jit compiles a handful of shapes rather than padding everything to max_length.
+checkpoint, resumes exactly there. Rows are padded to the smallest of a few length buckets that fits the global
+batch (so every process agrees), and jit compiles a handful of shapes rather than padding everything to max_length.
 """
 
 from __future__ import annotations
@@ -127,29 +127,45 @@ def _rows(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], leng
     tokens = np.full((len(prompts), length), pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.float32)
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        completion = completion[: length - len(prompt)]  # only a mismatched kl row can be longer than the batch
         tokens[i, : len(prompt)] = prompt
         tokens[i, len(prompt) : len(prompt) + len(completion)] = completion
         mask[i, len(prompt) : len(prompt) + len(completion)] = 1.0
     return tokens, mask
 
 
-def collate(examples: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+def _longest(examples: Sequence[dict]) -> int:
+    """The longest prompt + completion among the examples' own rows (chosen and rejected, or the completion)."""
+    keys = ("chosen", "rejected") if "chosen" in examples[0] else ("completion",)
+    return max(len(e["prompt"]) + len(e[key]) for e in examples for key in keys)
+
+
+def collate(
+    examples: Sequence[dict], buckets: Sequence[int], pad_id: int, length: int | None = None
+) -> dict[str, np.ndarray]:
     """A batch of encoded examples: right-padded [B, L] token rows and completion masks, L the smallest bucket that
-    fits. Paired: chosen_* and rejected_*. Unpaired: completion_*, label (1.0 desirable), and kl_* rows pairing
-    prompt i with completion i + 1 (mod B), the mismatched pairs KTO's reference point is estimated on."""
+    fits (or `length`). Paired: chosen_* and rejected_*. Unpaired: completion_*, label (1.0 desirable), and kl_*
+    rows pairing prompt i with completion i + 1 (mod B), the mismatched pairs KTO's reference point is estimated
+    on (their completions cut to L if longer)."""
     prompts = [e["prompt"] for e in examples]
     if "chosen" in examples[0]:
         pieces = {key: [e[key] for e in examples] for key in ("chosen", "rejected")}
     else:
         completions = [e["completion"] for e in examples]
         pieces = {"completion": completions, "kl": completions[1:] + completions[:1]}
-    length = _bucket(max(len(p) + len(c) for parts in pieces.values() for p, c in zip(prompts, parts)), buckets)
+    length = length or _bucket(_longest(examples), buckets)
     batch = {}
     for key, parts in pieces.items():
         batch[f"{key}_tokens"], batch[f"{key}_loss_mask"] = _rows(prompts, parts, length, pad_id)
     if "completion" in pieces:
         batch["label"] = np.asarray([e["label"] for e in examples], np.float32)
     return batch
+
+
+def _collate_share(global_examples: Sequence[dict], buckets, pad_id: int, share: slice) -> dict[str, np.ndarray]:
+    """This process's `share` of a global batch, padded to the bucket of the whole global batch: every process
+    picks the same length without talking to the others."""
+    return collate(global_examples[share], buckets, pad_id, length=_bucket(_longest(global_examples), buckets))
 
 
 class TrainBatches:
@@ -165,9 +181,8 @@ class TrainBatches:
             raise ValueError(f"batch_size must be in [1, {len(examples)}] (the number of examples), got {batch_size}")
         self.seed, self.batch_size = seed, batch_size
         dataset = grain.MapDataset.source(examples.encoded).shuffle(seed=seed).repeat(None)
-        self.dataset = dataset[process_index::process_count].batch(
-            batch_size // process_count, batch_fn=functools.partial(collate, buckets=tuple(buckets), pad_id=pad_id)
-        )
+        self.dataset = dataset.batch(batch_size, batch_fn=functools.partial(
+            _collate_share, buckets=tuple(buckets), pad_id=pad_id, share=slice(process_index, None, process_count)))
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """The batch of global step `step` (this process's share)."""

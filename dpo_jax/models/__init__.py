@@ -17,6 +17,7 @@ from flax import nnx
 
 from dpo_jax.models import gpt2, gpt_neox, gptj, llama, mistral, qwen2
 from dpo_jax.models.family import COMPUTE_DTYPES, Family
+from dpo_jax.models.layers import REMAT_MODES
 
 MODEL_FAMILIES: dict[str, Family] = {
     family.name: family
@@ -71,6 +72,7 @@ def config_from_section(section: Any, vocab_size: int) -> Any:
     """The random-model config that a config file's `model` section (family, sizes, no path) describes."""
     fields = section.to_dict() if hasattr(section, "to_dict") else dict(section)
     fields.pop("path", None)
+    fields.pop("reference_dtype", None)  # how π_ref is stored, not the architecture
     return config_from_dict({**fields, "vocab_size": vocab_size})
 
 
@@ -118,7 +120,7 @@ def apply_model(
 from dpo_jax.models.hf import is_local_path, load_hf, read_hf_config, save_hf  # noqa: E402  (hf.py uses the above)
 
 __all__ = [
-    "COMPUTE_DTYPES", "MODEL_FAMILIES", "abstract_model", "apply_model", "config_from_dict", "config_from_section",
+    "COMPUTE_DTYPES", "MODEL_FAMILIES", "REMAT_MODES", "abstract_model", "apply_model", "config_from_dict", "config_from_section",
     "config_to_dict", "create_model", "family_names", "family_of", "is_local_path", "load_hf", "make_config",
     "model_from_config", "param_path", "read_hf_config", "save_hf", "split_params",
 ]

@@ -33,6 +33,7 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False  # scores / (layer index + 1) as well
     tie_embeddings: bool = True
     dtype: str = "float32"
+    remat: str = "none"  # recompute each block in the backward pass: none, block (keep matmuls), full
 
     def __post_init__(self):
         if self.intermediate_size is None:
@@ -111,7 +112,7 @@ class GPT2(nnx.Module):
         mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT)
         x_BxTxD = self.wte(tokens_BxT) + self.wpe(positions_BxT)
         for block in self.h:
-            x_BxTxD = block(x_BxTxD, mask_Bx1xTxT)
+            x_BxTxD = layers.call_block(block, self.config.remat, x_BxTxD, mask_Bx1xTxT)
         return self.ln_f(x_BxTxD)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

@@ -37,6 +37,7 @@ class GPTNeoXConfig:
     attention_bias: bool = True
     tie_embeddings: bool = False
     dtype: str = "float32"
+    remat: str = "none"  # recompute each block in the backward pass: none, block (keep matmuls), full
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -131,7 +132,7 @@ class GPTNeoX(nnx.Module):
         mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT)
         x_BxTxD = self.embed_in(tokens_BxT)
         for layer in self.layers:
-            x_BxTxD = layer(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+            x_BxTxD = layers.call_block(layer, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxT)
         return self.final_layer_norm(x_BxTxD)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

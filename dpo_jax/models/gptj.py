@@ -34,6 +34,7 @@ class GPTJConfig:
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_new"
     dtype: str = "float32"
+    remat: str = "none"  # recompute each block in the backward pass: none, block (keep matmuls), full
 
     def __post_init__(self):
         if self.intermediate_size is None:
@@ -117,7 +118,7 @@ class GPTJ(nnx.Module):
         mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT)
         x_BxTxD = self.wte(tokens_BxT)
         for block in self.h:
-            x_BxTxD = block(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+            x_BxTxD = layers.call_block(block, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxT)
         return self.ln_f(x_BxTxD)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

@@ -39,9 +39,10 @@ def is_local_path(path: str) -> bool:
     return os.path.isdir(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
 
 
-def resolve_checkpoint_dir(path: str) -> str:
+def resolve_checkpoint_dir(path: str, config_only: bool = False) -> str:
     """A local checkpoint directory for `path`: itself if it is a directory, else a Hugging Face repo id fetched
-    (or found in the local cache) with huggingface_hub, which respects HF_HUB_OFFLINE and HF_HOME."""
+    (or found in the local cache) with huggingface_hub, which respects HF_HUB_OFFLINE and HF_HOME; `config_only`
+    fetches config.json alone."""
     if is_local_path(path):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model path {path!r}: no such directory")
@@ -49,7 +50,7 @@ def resolve_checkpoint_dir(path: str) -> str:
     import huggingface_hub
 
     try:
-        return huggingface_hub.snapshot_download(repo_id=path, allow_patterns=_HUB_PATTERNS)
+        return huggingface_hub.snapshot_download(repo_id=path, allow_patterns=[CONFIG_FILE] if config_only else _HUB_PATTERNS)
     except Exception as error:  # offline without a cached copy, unknown repo, no network, bad id
         raise FileNotFoundError(
             f"model path {path!r} is not a local directory, and the Hugging Face Hub gave no copy of it "
@@ -58,8 +59,9 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 def read_hf_config(path: str, dtype: str = "float32") -> Any:
-    """Our family config from `path`'s config.json (local directory or repo id), with compute dtype `dtype`."""
-    directory = resolve_checkpoint_dir(path)
+    """Our family config from `path`'s config.json (local directory or repo id; no weights needed), with compute
+    dtype `dtype`."""
+    directory = resolve_checkpoint_dir(path, config_only=True)
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint directory needs its config.json")

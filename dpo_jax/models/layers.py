@@ -217,3 +217,18 @@ def head_logits(hidden_BxTxD: jax.Array, head: nnx.Linear, dtype: Dtype) -> jax.
     if head.bias is not None:
         logits_BxTxV += head.bias[...].astype(jnp.float32)
     return logits_BxTxV
+
+
+REMAT_MODES = ("none", "block", "full")
+_REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the weight matmuls' outputs
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+}
+
+
+def call_block(block: nnx.Module, remat: str, *args: jax.Array) -> jax.Array:
+    """`block(*args)`, rematerialised in the backward pass unless `remat` is 'none': activation memory for
+    recomputation (one block's activations live at a time instead of every block's)."""
+    if remat == "none":
+        return block(*args)
+    return nnx.remat(lambda module, *inputs: module(*inputs), policy=_REMAT_POLICIES[remat])(block, *args)

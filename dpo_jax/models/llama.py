@@ -43,6 +43,7 @@ class LlamaConfig:
     sliding_window_layers: tuple[int, ...] | None = None  # the layers that use the window; None: all of them
     max_position_embeddings: int = 2048  # recorded for export; rotary positions are not capped
     dtype: str = "float32"
+    remat: str = "none"  # recompute each block in the backward pass: none, block (keep matmuls), full
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -147,7 +148,9 @@ class Llama(nnx.Module):
         }
         x_BxTxD = self.embed_tokens(tokens_BxT)
         for index, layer in enumerate(self.layers):
-            x_BxTxD = layer(x_BxTxD, positions_BxT, masks[self.config.layer_window(index)])
+            x_BxTxD = layers.call_block(
+                layer, self.config.remat, x_BxTxD, positions_BxT, masks[self.config.layer_window(index)]
+            )
         return self.norm(x_BxTxD)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

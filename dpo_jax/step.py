@@ -1,4 +1,4 @@
-"""The pure core of training: TrainState, the optimizer, the loss function and the jit-compiled train/eval steps.
+"""The pure core of training: TrainState, the loss function and the jit-compiled train/eval steps.
 
 The step is `(state, ref_params, batch) -> (state, metrics)`: reference params are a separate frozen
 pytree (`None` for losses that need no reference), never in the optimizer state, never updated. The loop
@@ -7,12 +7,12 @@ that drives it (stages, resume, logging, preemption) is run.py.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from dpo_jax import losses
@@ -21,6 +21,17 @@ from dpo_jax.models import apply_model
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the step's inputs and outputs live (sharding.py builds them): the train state's and the reference
+    params' NamedSharding trees, the batch's, and the replicated one of scalars and metrics."""
+
+    state: Any
+    ref_params: Any  # None when the loss uses no reference
+    batch: Any
+    replicated: Any
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -33,39 +44,6 @@ class TrainState(flax.struct.PyTreeNode):
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-def learning_rate_schedule(
-    learning_rate: float, warmup_steps: int, num_steps: int, schedule: str
-) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_steps`, then constant (the paper) or cosine decay to 0."""
-    if schedule == "constant":
-        after = optax.constant_schedule(learning_rate)
-    elif schedule == "cosine":
-        after = optax.cosine_decay_schedule(learning_rate, max(num_steps - warmup_steps, 1))
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: constant, cosine")
-    if warmup_steps == 0:
-        return after
-    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-    return optax.join_schedules([warmup, after], [warmup_steps])
-
-
-def make_optimizer(
-    optimizer: ml_collections.ConfigDict, stage: ml_collections.ConfigDict
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Global-norm clipping, then RMSprop (torch defaults, as the paper) or AdamW, on the stage's schedule."""
-    schedule = learning_rate_schedule(
-        stage.learning_rate, stage.warmup_steps, stage.num_steps, optimizer.schedule
-    )
-    if optimizer.name == "rmsprop":
-        # torch.optim.RMSprop defaults: alpha=0.99, eps=1e-8 added outside the square root.
-        base = optax.rmsprop(schedule, decay=0.99, eps=1e-8, eps_in_sqrt=False)
-    elif optimizer.name == "adamw":
-        base = optax.adamw(schedule, weight_decay=optimizer.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer.name!r}; valid: rmsprop, adamw")
-    return optax.chain(optax.clip_by_global_norm(optimizer.max_grad_norm), base), schedule
 
 
 def make_loss_fn(
@@ -114,7 +92,9 @@ def make_loss_fn(
 
 
 def _split_micro_batches(batch: Batch, num_micro_batches: int) -> Batch:
-    return jax.tree.map(lambda x: x.reshape(num_micro_batches, -1, *x.shape[1:]), batch)
+    """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i + k, ...: each device's block of rows feeds every
+    micro-batch, so a batch sharded over devices needs no resharding to be scanned."""
+    return jax.tree.map(lambda x: x.reshape(-1, num_micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def make_train_step(
@@ -122,8 +102,11 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
+    shardings: StepShardings | None = None,
 ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, Metrics]]:
     """The jit-compiled, state-donating step; `grad_accum_steps` micro-batches average to the full-batch gradient.
+    With `shardings`, compiled for them: state and reference params as the partition rules say, the batch split
+    over the data axes, metrics replicated.
 
     A step whose loss, gradient or update is not finite changes neither params nor optimizer state
     (metrics["skipped"] = 1).
@@ -164,16 +147,26 @@ def make_train_step(
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    s = shardings
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(s.state, s.ref_params, s.batch),
+                   out_shardings=(s.state, s.replicated))
 
 
-def make_eval_step(loss_fn: Callable) -> Callable[[Any, Any, Batch], tuple[Metrics, jax.Array]]:
-    """Jit-compiled `(params, ref_params, batch) -> (weighted-mean metrics, weight sum)`."""
+def make_eval_step(
+    loss_fn: Callable, shardings: StepShardings | None = None
+) -> Callable[[Any, Any, Batch], tuple[Metrics, jax.Array]]:
+    """Jit-compiled `(params, ref_params, batch) -> (weighted-mean metrics, weight sum)`, for `shardings` if given
+    (params sharded as the train state's)."""
 
     def eval_step(params, ref_params, batch):
         _, metrics = loss_fn(params, ref_params, batch)
         return metrics, batch["weight"].sum()
 
-    return jax.jit(eval_step)
+    if shardings is None:
+        return jax.jit(eval_step)
+    s = shardings
+    return jax.jit(eval_step, in_shardings=(s.state.params, s.ref_params, s.batch), out_shardings=s.replicated)
 
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from dpo_jax import losses, train
+from dpo_jax import losses, optimizer, step
 from dpo_jax.logprobs import sequence_logprobs
 from dpo_jax.models import apply_model, config_from_section, model_from_config, split_params
 
@@ -60,7 +60,7 @@ def test_gradient_equals_papers_closed_form(loss_name):
     graphdef, params = make_model(config)
     ref_params = perturbed(params)
     batch = random_batch()
-    loss_fn = train.make_loss_fn(graphdef, loss_name, losses.LossParams(beta=beta), chunk_size=5)
+    loss_fn = step.make_loss_fn(graphdef, loss_name, losses.LossParams(beta=beta), chunk_size=5)
     grads = jax.grad(lambda p: loss_fn(p, ref_params, batch)[0])(params)
 
     # One sequence at a time: log π(y|x) and its gradient, and log π_ref(y|x).
@@ -87,7 +87,7 @@ def test_dpo_and_unweighted_gradients_differ_by_the_sigma_weight():
     graphdef, params = make_model(tiny_config())
     ref_params, batch = perturbed(params, scale=0.3), random_batch()
     grads = {
-        name: jax.grad(lambda p: train.make_loss_fn(graphdef, name, losses.LossParams(beta=0.5), 128)(p, ref_params, batch)[0])(params)
+        name: jax.grad(lambda p: step.make_loss_fn(graphdef, name, losses.LossParams(beta=0.5), 128)(p, ref_params, batch)[0])(params)
         for name in ("dpo", "unweighted")
     }
     difference = jax.tree.map(lambda a, b: jnp.abs(a - 0.5 * b).max(), grads["dpo"], grads["unweighted"])
@@ -95,9 +95,9 @@ def test_dpo_and_unweighted_gradients_differ_by_the_sigma_weight():
 
 
 def make_step(config, graphdef, loss_name="dpo", grad_accum_steps=1):
-    tx, schedule = train.make_optimizer(config.optimizer, config.dpo)
-    loss_fn = train.make_loss_fn(graphdef, loss_name, losses.LossParams(beta=0.1), 128)
-    return tx, train.make_train_step(loss_fn, tx, schedule, grad_accum_steps)
+    tx, schedule = optimizer.make_optimizer(config.optimizer, config.dpo)
+    loss_fn = step.make_loss_fn(graphdef, loss_name, losses.LossParams(beta=0.1), 128)
+    return tx, step.make_train_step(loss_fn, tx, schedule, grad_accum_steps)
 
 
 def test_reference_params_frozen_and_outside_optimizer_state():
@@ -105,10 +105,10 @@ def test_reference_params_frozen_and_outside_optimizer_state():
     graphdef, params = make_model(config)
     ref_params = jax.tree.map(jnp.copy, params)
     ref_before = jax.tree.map(np.asarray, ref_params)
-    tx, step = make_step(config, graphdef)
-    state = train.TrainState.create(params, tx)
+    tx, train_step = make_step(config, graphdef)
+    state = step.TrainState.create(params, tx)
     for i in range(3):
-        state, metrics = step(state, ref_params, random_batch(i))
+        state, metrics = train_step(state, ref_params, random_batch(i))
     assert int(state.step) == 3
     for before, after in zip(jax.tree.leaves(ref_before), jax.tree.leaves(ref_params)):
         np.testing.assert_array_equal(before, np.asarray(after))
@@ -129,10 +129,10 @@ def test_gradient_accumulation_equals_large_batch():
     batch = random_batch(3)
     results = []
     for accum in (1, 4):
-        tx, step = make_step(config, graphdef, grad_accum_steps=accum)
-        state = train.TrainState.create(jax.tree.map(jnp.copy, params), tx)
+        tx, train_step = make_step(config, graphdef, grad_accum_steps=accum)
+        state = step.TrainState.create(jax.tree.map(jnp.copy, params), tx)
         for _ in range(2):
-            state, metrics = step(state, ref_params, batch)
+            state, metrics = train_step(state, ref_params, batch)
         results.append((state.params, metrics))
     (params_full, metrics_full), (params_accum, metrics_accum) = results
     for a, b in zip(jax.tree.leaves(params_full), jax.tree.leaves(params_accum)):
@@ -142,8 +142,8 @@ def test_gradient_accumulation_equals_large_batch():
 
 
 def test_learning_rate_schedule_warmup_then_constant_or_cosine():
-    constant = train.learning_rate_schedule(1.0, 10, 100, "constant")
-    cosine = train.learning_rate_schedule(1.0, 10, 100, "cosine")
+    constant = optimizer.learning_rate_schedule(1.0, 10, 100, "constant")
+    cosine = optimizer.learning_rate_schedule(1.0, 10, 100, "cosine")
     assert float(constant(0)) == 0.0 and float(constant(5)) == pytest.approx(0.5)
     assert float(constant(10)) == pytest.approx(1.0) and float(constant(99)) == pytest.approx(1.0)
     assert float(cosine(10)) == pytest.approx(1.0) and float(cosine(100)) == pytest.approx(0.0, abs=1e-6)
@@ -155,7 +155,7 @@ def test_a_non_finite_step_changes_neither_params_nor_optimizer_state(poison):
     what it was; the next finite step updates as usual."""
     config = tiny_config()
     graphdef, params = make_model(config)
-    loss_fn = train.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128)
+    loss_fn = step.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128)
 
     def poisoned_loss_fn(params, ref_params, batch):
         loss, metrics = loss_fn(params, ref_params, batch)
@@ -164,16 +164,16 @@ def test_a_non_finite_step_changes_neither_params_nor_optimizer_state(poison):
             return loss + jax.lax.stop_gradient(nan), {**metrics, "loss": metrics["loss"] + nan}
         return loss + nan * jax.tree.leaves(params)[0].sum(), metrics  # finite loss metric, NaN gradient
 
-    tx, schedule = train.make_optimizer(config.optimizer, config.dpo)
-    step = train.make_train_step(poisoned_loss_fn, tx, schedule)
+    tx, schedule = optimizer.make_optimizer(config.optimizer, config.dpo)
+    train_step = step.make_train_step(poisoned_loss_fn, tx, schedule)
     ref_params = perturbed(params)
-    state = train.TrainState.create(jax.tree.map(jnp.copy, params), tx)
-    state, _ = step(state, ref_params, {**random_batch(0), "poison": jnp.array(False)})
+    state = step.TrainState.create(jax.tree.map(jnp.copy, params), tx)
+    state, _ = train_step(state, ref_params, {**random_batch(0), "poison": jnp.array(False)})
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
-    state, metrics = step(state, ref_params, {**random_batch(1), "poison": jnp.array(True)})
+    state, metrics = train_step(state, ref_params, {**random_batch(1), "poison": jnp.array(True)})
     assert int(state.step) == 2 and float(metrics["skipped"]) == 1.0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, np.asarray(b))
-    state, metrics = step(state, ref_params, {**random_batch(2), "poison": jnp.array(False)})
+    state, metrics = train_step(state, ref_params, {**random_batch(2), "poison": jnp.array(False)})
     assert float(metrics["skipped"]) == 0.0
     assert not np.array_equal(jax.tree.leaves(before[0])[0], np.asarray(jax.tree.leaves(state.params)[0]))

@@ -1,0 +1,258 @@
+"""Where every array lives: the Mesh from config, the partition rules (parameter-path patterns → PartitionSpec,
+written as data per model family), the batch's sharding, and multi-host start-up. The one place for these rules.
+
+Mesh axes: `data` (pure data parallelism: params replicated), `fsdp` (data parallelism with params, gradients and
+optimizer state sharded), `tensor` (Megatron-style: attention heads and MLP columns split). The batch is split over
+data × fsdp. Kernels are [in, out]: column-parallel layers (q/k/v, up/gate, the head) put `in` on fsdp and `out` on
+tensor; row-parallel ones (attention output, down projection) the reverse; embeddings [V, D] put the vocabulary on
+tensor. A dimension its axis does not divide (GPT-2's 50257 words on 8 devices) stays unsharded on that axis, and
+the run logs which: never an error, never a different result.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+COLUMN = P("fsdp", "tensor")  # [in, out] kernel whose outputs are split: q/k/v, up/gate, the output head
+ROW = P("tensor", "fsdp")  # [in, out] kernel whose inputs are split: attention output, down projection
+EMBEDDING = P("tensor", "fsdp")  # [vocabulary, hidden]
+SPLIT = P("tensor")  # the bias of a column-parallel layer
+REPLICATED = P()  # norms, biases of row-parallel layers
+
+
+class Rule(NamedTuple):
+    """Parameters whose path ends with `pattern` (a regex over 'a/b/c' paths, matched at a '/' boundary) are
+    sharded as `spec`. An `optional` rule covers a parameter some configs lack (an untied head, biases)."""
+
+    pattern: str
+    spec: P
+    optional: bool = False
+
+
+_LLAMA = (  # also Qwen2 (q/k/v biases) and Mistral
+    Rule("embed_tokens/embedding", EMBEDDING),
+    Rule("self_attn/[qkv]_proj/kernel", COLUMN),
+    Rule("self_attn/[qkv]_proj/bias", SPLIT, optional=True),
+    Rule("self_attn/o_proj/kernel", ROW),
+    Rule("self_attn/o_proj/bias", REPLICATED, optional=True),
+    Rule("mlp/(gate|up)_proj/kernel", COLUMN),
+    Rule("mlp/(gate|up)_proj/bias", SPLIT, optional=True),
+    Rule("mlp/down_proj/kernel", ROW),
+    Rule("mlp/down_proj/bias", REPLICATED, optional=True),
+    Rule("lm_head/kernel", COLUMN, optional=True),
+    Rule("(norm|input_layernorm|post_attention_layernorm)/scale", REPLICATED),
+)
+
+PARTITION_RULES: dict[str, tuple[Rule, ...]] = {
+    "llama": _LLAMA,
+    "qwen2": _LLAMA,
+    "mistral": _LLAMA,
+    "gpt2": (
+        Rule("wte/embedding", EMBEDDING),
+        Rule("wpe/embedding", P(None, "fsdp")),
+        Rule("(c_attn|c_fc)/kernel", COLUMN),
+        Rule("(c_attn|c_fc)/bias", SPLIT),
+        Rule("c_proj/kernel", ROW),
+        Rule("c_proj/bias", REPLICATED),
+        Rule("lm_head/kernel", COLUMN, optional=True),
+        Rule("(ln_1|ln_2|ln_f)/(scale|bias)", REPLICATED),
+    ),
+    "gptj": (
+        Rule("wte/embedding", EMBEDDING),
+        Rule("attn/[qkv]_proj/kernel", COLUMN),
+        Rule("attn/out_proj/kernel", ROW),
+        Rule("mlp/fc_in/kernel", COLUMN),
+        Rule("mlp/fc_in/bias", SPLIT),
+        Rule("mlp/fc_out/kernel", ROW),
+        Rule("mlp/fc_out/bias", REPLICATED),
+        Rule("lm_head/kernel", COLUMN),
+        Rule("lm_head/bias", SPLIT),
+        Rule("(ln_1|ln_f)/(scale|bias)", REPLICATED),
+    ),
+    "gpt_neox": (
+        Rule("embed_in/embedding", EMBEDDING),
+        Rule("embed_out/kernel", COLUMN, optional=True),
+        Rule("(query_key_value|dense_h_to_4h)/kernel", COLUMN),
+        Rule("(query_key_value|dense_h_to_4h)/bias", SPLIT),
+        Rule("(attention/dense|dense_4h_to_h)/kernel", ROW),
+        Rule("(attention/dense|dense_4h_to_h)/bias", REPLICATED),
+        Rule("(input_layernorm|post_attention_layernorm|final_layer_norm)/(scale|bias)", REPLICATED),
+    ),
+}
+
+
+def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes from `config.mesh`; one of them may be -1, "the rest of the devices"."""
+    sizes = [mesh_config[axis] for axis in MESH_AXES]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"config.mesh = {dict(zip(MESH_AXES, sizes))}: each axis is a positive size, or -1 (the "
+                         "rest of the devices) for at most one")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"config.mesh = {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible "
+                             f"by the fixed axes' {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"config.mesh = {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; there are "
+                         f"{num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) Mesh over `devices` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def path_string(keypath: tuple) -> str:
+    """'opt_state/1/nu/layers/0/mlp/up_proj/kernel' from a jax key path (an nnx Variable's '.value' left out)."""
+    names = []
+    for key in keypath:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":
+                names.append(key.name)
+        else:
+            names.append(str(getattr(key, "key", getattr(key, "idx", key))))
+    return "/".join(names)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(rf"(?:^|/)(?:{pattern})$")
+
+
+def _spec_of(path: str, rules: Sequence[Rule]) -> tuple[int, P] | None:
+    for index, rule in enumerate(rules):
+        if _compiled(rule.pattern).search(path):
+            return index, rule.spec
+    return None
+
+
+def partition_specs(tree: Any, family: str) -> Any:
+    """The PartitionSpec of every leaf of `tree` (params, a TrainState, or their abstract forms) by `family`'s rules.
+
+    Leaves are matched by the end of their path, so optimizer slots shaped like a parameter get its spec; scalars
+    (step counts) are replicated. A leaf of rank ≥ 1 that no rule matches, or a rule (not optional) that matches
+    no leaf, is a ValueError naming it: a new parameter must get its rule here, not fall back silently.
+    """
+    if family not in PARTITION_RULES:
+        raise ValueError(f"no partition rules for model family {family!r}; families: {sorted(PARTITION_RULES)}")
+    rules = PARTITION_RULES[family]
+    used, unmatched = set(), []
+
+    def spec(keypath, leaf):
+        if np.ndim(leaf) == 0:
+            return REPLICATED
+        path = path_string(keypath)
+        found = _spec_of(path, rules)
+        if found is None:
+            unmatched.append(path)
+            return REPLICATED
+        used.add(found[0])
+        return found[1]
+
+    specs = jax.tree_util.tree_map_with_path(spec, tree)
+    if unmatched:
+        raise ValueError(f"sharding: no partition rule of family {family!r} matches {', '.join(unmatched[:5])}"
+                         f"{' ...' if len(unmatched) > 5 else ''}; add one to PARTITION_RULES in sharding.py")
+    unused = [rule.pattern for i, rule in enumerate(rules) if i not in used and not rule.optional]
+    if unused and jax.tree.leaves(tree):
+        raise ValueError(f"sharding: the partition rule(s) {unused} of family {family!r} match no parameter; "
+                         "fix the pattern in PARTITION_RULES in sharding.py")
+    return specs
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """`spec` with each axis its dimension's size is not divisible by dropped (that dimension stays unsharded)."""
+    fitted = []
+    for dim, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[name] for name in names)
+        fitted.append(axes if names and shape[dim] % size == 0 else None)
+    while fitted and fitted[-1] is None:
+        fitted.pop()
+    return P(*fitted)
+
+
+def tree_shardings(tree: Any, family: str, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of `tree` by `family`'s rules, fitted to its shape (see `fit_spec`); the
+    dimensions left unsharded because their axis does not divide them are logged once."""
+    specs = partition_specs(tree, family)
+    dropped = []
+
+    def sharding(keypath, leaf, spec):
+        fitted = fit_spec(spec, np.shape(leaf), mesh)
+        if fitted != spec and tuple(fitted) != tuple(spec)[: len(fitted)]:
+            dropped.append(f"{path_string(keypath)} {tuple(np.shape(leaf))}")
+        return NamedSharding(mesh, fitted)
+
+    shardings = jax.tree_util.tree_map_with_path(sharding, tree, specs)
+    if dropped:
+        logging.info("sharding: %d arrays keep a dimension unsharded because its mesh axis does not divide it: %s",
+                     len(dropped), ", ".join(dropped[:4]) + (" ..." if len(dropped) > 4 else ""))
+    return shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a batch over data × fsdp; the other dimensions whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device (metrics, step counts)."""
+    return NamedSharding(mesh, REPLICATED)
+
+
+def batch_rows(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split: a batch's rows must be a multiple of it."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a batch, assembled with every other process's into global arrays sharded over the
+    batch axes (one process: the whole batch, split over its devices)."""
+    sharding = batch_sharding(mesh)
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
+
+
+def whole_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """A batch every process holds whole (evaluation), as global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {key: jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
+            for key, value in batch.items()}
+
+
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def initialize_distributed(mode: str) -> bool:
+    """Start jax.distributed when `mode` asks for it: 'on' always (JAX detects Cloud TPU pods, SLURM and Open MPI
+    itself), 'auto' when the environment names a coordinator (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+    JAX_PROCESS_ID), 'off' never. Returns whether jax.distributed is running. Call before any other JAX use."""
+    if jax.distributed.is_initialized():
+        return True
+    if mode == "off" or (mode == "auto" and not os.environ.get(DISTRIBUTED_ENV[0])):
+        return False
+    env = {key: os.environ.get(key) for key in DISTRIBUTED_ENV}
+    jax.distributed.initialize(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(env["JAX_NUM_PROCESSES"]) if env["JAX_NUM_PROCESSES"] else None,
+        process_id=int(env["JAX_PROCESS_ID"]) if env["JAX_PROCESS_ID"] else None,
+    )
+    logging.info("jax.distributed: process %d of %d, %d local of %d devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True

@@ -1,0 +1,174 @@
+"""Sharding: the partition rules cover every family and fail loudly, indivisible dimensions stay unsharded, and on 8
+simulated CPU devices (subprocesses: the device count is fixed when JAX starts) sharded steps equal one device,
+checkpoints move between meshes, and 2 processes × 4 devices through jax.distributed equal 1 process × 8."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from conftest import make_short_config
+from dpo_jax import checkpoint, data, models, run, sharding
+from dpo_jax.step import TrainState
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def launch(args, env=None, timeout=600):
+    """Start `python tests/mesh_checks.py ARGS` (not waiting)."""
+    environment = {**os.environ, **(env or {}), "PYTHONPATH": os.path.join(REPO, "tests")}
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "mesh_checks.py"), *args], cwd=REPO,
+                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=600):
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def mesh_checks(*args, env=None):
+    return finish(launch(args, env))
+
+
+@pytest.mark.parametrize("family", sorted(models.MODEL_FAMILIES))
+def test_partition_rules_cover_every_parameter_and_optimizer_slot_of_every_family(family):
+    model_config = models.read_hf_config(os.path.join(REPO, "tests", "fixtures", "hf", family))
+    _, abstract = models.abstract_model(model_config)
+    for tx in (optax.rmsprop(1e-3), optax.adamw(1e-3)):
+        state = jax.eval_shape(lambda p: TrainState.create(p, optax.chain(optax.clip_by_global_norm(1.0), tx)), abstract)
+        specs = sharding.partition_specs(state, family)
+        flat_specs = {sharding.path_string(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+            specs, is_leaf=lambda x: isinstance(x, P))[0]}
+        params_specs = {k: v for k, v in flat_specs.items() if k.startswith("params/")}
+        assert len(params_specs) == len(jax.tree.leaves(abstract))
+        # every optimizer slot shaped like a parameter is sharded like it
+        for path, spec in flat_specs.items():
+            for prefix in ("opt_state/1/0/nu/", "opt_state/1/0/mu/"):
+                if path.startswith(prefix):
+                    assert spec == flat_specs["params/" + path[len(prefix):]], path
+        assert flat_specs["step"] == P()
+
+
+def test_a_parameter_without_a_rule_and_a_rule_without_a_parameter_are_errors(monkeypatch):
+    _, abstract = models.abstract_model(models.read_hf_config(os.path.join(REPO, "tests", "fixtures", "hf", "llama")))
+    rules = sharding.PARTITION_RULES["llama"]
+    monkeypatch.setitem(sharding.PARTITION_RULES, "llama", tuple(r for r in rules if "down_proj/kernel" not in r.pattern))
+    with pytest.raises(ValueError, match=r"no partition rule of family 'llama' matches layers/0/mlp/down_proj/kernel"):
+        sharding.partition_specs(abstract, "llama")
+    monkeypatch.setitem(sharding.PARTITION_RULES, "llama", rules + (sharding.Rule("mlp/gate_proj/kernal", P()),))
+    with pytest.raises(ValueError, match=r"the partition rule\(s\) \['mlp/gate_proj/kernal'\] of family 'llama' match"):
+        sharding.partition_specs(abstract, "llama")
+
+
+def test_a_dimension_its_axis_does_not_divide_stays_unsharded_on_that_axis():
+    mesh = AbstractMesh((1, 2, 4), sharding.MESH_AXES)
+    # GPT-2's vocabulary of 50257 on tensor = 4: the vocabulary stays whole, the hidden dimension still splits.
+    assert sharding.fit_spec(sharding.EMBEDDING, (50257, 768), mesh) == P(None, "fsdp")
+    assert sharding.fit_spec(sharding.EMBEDDING, (50260, 768), mesh) == P("tensor", "fsdp")
+    assert sharding.fit_spec(sharding.COLUMN, (768, 25 * 64 + 2), mesh) == P("fsdp")
+    assert sharding.fit_spec(P(("data", "fsdp")), (6, 3), mesh) == P(("data", "fsdp"))
+    assert sharding.fit_spec(P(("data", "fsdp")), (5, 3), mesh) == P()
+
+
+def test_mesh_shape_fills_in_the_rest_and_names_what_does_not_fit():
+    assert sharding.mesh_shape(dict(data=1, fsdp=-1, tensor=1), 8) == (1, 8, 1)
+    assert sharding.mesh_shape(dict(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match=r"needs 4 devices; there are 8"):
+        sharding.mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
+    with pytest.raises(ValueError, match=r"8 devices are not divisible by the fixed axes' 3"):
+        sharding.mesh_shape(dict(data=3, fsdp=-1, tensor=1), 8)
+
+
+def test_sharded_steps_equal_one_device_and_arrays_are_sharded_as_the_rules_say(tmp_path):
+    mesh_checks("steps", str(tmp_path), env=EIGHT_DEVICES)
+    with open(tmp_path / "shardings.json") as f:
+        found = json.load(f)
+    one = np.load(tmp_path / "one_device.npz")
+    for name in ("data8", "fsdp8", "data2_fsdp2_tensor2"):
+        other = np.load(tmp_path / f"{name}.npz")
+        np.testing.assert_allclose(other["losses"], one["losses"], atol=1e-5, rtol=0)
+        for key in one.files:
+            np.testing.assert_allclose(other[key], one[key], atol=1e-5, rtol=0, err_msg=f"{name}: {key}")
+    assert one["losses"][-1] < one["losses"][0]  # the steps did train
+    # [in, out] kernels: column-parallel splits (in, out) over (fsdp, tensor), row-parallel the reverse; the
+    # optimizer slot follows its parameter; data parallelism alone keeps every parameter whole.
+    q, down = "params/layers/0/self_attn/q_proj/kernel", "params/layers/0/mlp/down_proj/kernel"
+    nu = "opt_state/1/0/nu/layers/0/self_attn/q_proj/kernel"
+    assert found["data2_fsdp2_tensor2"][q]["spec"] == ["fsdp", "tensor"]
+    assert found["data2_fsdp2_tensor2"][q]["shard_shape"] == [s // 2 for s in found["data2_fsdp2_tensor2"][q]["shape"]]
+    assert found["data2_fsdp2_tensor2"][down]["spec"] == ["tensor", "fsdp"]
+    assert found["fsdp8"][q]["shard_shape"] == [found["fsdp8"][q]["shape"][0] // 8, found["fsdp8"][q]["shape"][1]]
+    assert found["fsdp8"][nu] == found["fsdp8"][q]
+    assert found["data8"][q]["shard_shape"] == found["data8"][q]["shape"]
+
+
+def final_params(workdir, stage="sft"):
+    """The params of `stage`'s latest checkpoint in `workdir`, on this process's one device."""
+    config = make_short_config()
+    mesh = run.make_mesh(config)
+    _, params, _ = run.build_model(config, data.get_tokenizer(config.data.tokenizer), mesh)
+    restored = checkpoint.load_final_params(workdir, stage, checkpoint.abstract(params))
+    return {sharding.path_string(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+SFT = ["mode='sft'", "sft.num_steps=4", "train.checkpoint_every=2", "train.eval_every=2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp8_run(tmp_path_factory):
+    """4 SFT steps on one process with mesh fsdp = 8: the run the others must equal."""
+    workdir = str(tmp_path_factory.mktemp("fsdp8") / "run")
+    mesh_checks("train", workdir, *SFT, "mesh.fsdp=8", env=EIGHT_DEVICES)
+    return workdir
+
+
+def test_a_checkpoint_saved_on_one_mesh_resumes_on_another_or_one_device(fsdp8_run, tmp_path):
+    moved, alone = str(tmp_path / "moved"), str(tmp_path / "alone")
+    mesh_checks("train", moved, *SFT, "sft.num_steps=2", "mesh.fsdp=8", env=EIGHT_DEVICES)
+    shutil.copytree(moved, alone)
+    resumed = [launch(["train", moved, *SFT, "mesh.fsdp=4", "mesh.tensor=2"], EIGHT_DEVICES),
+               launch(["train", alone, *SFT, "mesh.fsdp=-1"])]  # 1 device
+    for process, change in zip(resumed, ("mesh.fsdp: 8 -> 4; mesh.tensor: 1 -> 2", "mesh.fsdp: 8 -> -1")):
+        assert f"sft: resuming a run whose config differed: {change}; sft.num_steps: 2 -> 4" in finish(process)
+    expected = final_params(fsdp8_run)
+    for workdir in (moved, alone):
+        got = final_params(workdir)
+        for key in expected:
+            np.testing.assert_allclose(got[key], expected[key], atol=1e-6, rtol=0, err_msg=f"{workdir}: {key}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_equal_one_process_of_eight(fsdp8_run, tmp_path):
+    workdir = str(tmp_path / "two")
+    port = free_port()
+    processes = [
+        launch(["train", workdir, *SFT, "mesh.fsdp=-1"], {
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(index)})
+        for index in range(2)
+    ]
+    outputs = [finish(p) for p in processes]
+    expected, got = final_params(fsdp8_run), final_params(workdir)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-5, rtol=0, err_msg=key)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2, 3, 4]  # one metrics file, each step once: process 0 writes it
+    assert sorted(os.listdir(os.path.join(workdir, "sft", "checkpoints"))) == ["2", "4"]
