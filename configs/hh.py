@@ -22,7 +22,8 @@ def get_config(arg: str | None = None):
     """The paper's setting; `arg='tiny'` is the same pipeline at CPU scale on fixture data and checkpoint."""
     config = base_config()
     config.mode = "sft_then_dpo"
-    config.model.update(path="EleutherAI/pythia-2.8b", dtype="bfloat16")
+    # π_ref in bfloat16 (the compute dtype: its log-probs are unchanged) and rematerialised blocks, as tldr.py.
+    config.model.update(path="EleutherAI/pythia-2.8b", dtype="bfloat16", reference_dtype="bfloat16", remat="full")
     config.data.update(
         source="hh", tokenizer="model", num_train_pairs=0, num_eval_pairs=1024, num_eval_prompts=256,
         max_length=512, max_prompt_length=256, truncation_mode="keep_end",

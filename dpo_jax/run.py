@@ -122,12 +122,11 @@ class NonFiniteSteps:
                 )
 
 
-def compile_stage(
-    config: ml_collections.ConfigDict, stage: str, graphdef: Any, family: str, mesh: jax.sharding.Mesh, params: Any,
-    ref_params: Any,
-) -> tuple[TrainState, Callable, Callable]:
-    """(initial TrainState on its shardings, train step, eval step) of `stage`, compiled for `mesh`: state sharded by
-    the partition rules, π_ref where it lies (None: a loss without reference), batches over the data axes."""
+def stage_steps(
+    config: ml_collections.ConfigDict, stage: str, graphdef: Any, family: str, mesh: Any, params: Any, ref_params: Any,
+) -> tuple[Callable, StepShardings, Callable, Callable]:
+    """(create_state, shardings, train step, eval step) of `stage` for `mesh`, from params or their shapes: state and
+    π_ref (None: a loss without reference) sharded by the partition rules, batches over the data axes."""
     loss_name = "sft" if stage == "sft" else config.loss.name
     tx, schedule = make_optimizer(config.optimizer, config[stage])
 
@@ -136,13 +135,22 @@ def compile_stage(
 
     shardings = StepShardings(
         state=sharding.tree_shardings(jax.eval_shape(create_state, params), family, mesh),
-        ref_params=None if ref_params is None else jax.tree.map(lambda x: x.sharding, ref_params),
+        ref_params=None if ref_params is None else sharding.tree_shardings(ref_params, family, mesh),
         batch=sharding.batch_sharding(mesh),
         replicated=sharding.replicated(mesh),
     )
-    loss_fn = make_loss_fn(graphdef, loss_name, _loss_params(config), config.train.logprob_chunk_size)
+    loss_fn = make_loss_fn(graphdef, loss_name, loss_params(config), config.train.logprob_chunk_size)
     train_step = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps, shardings)
-    eval_step = make_eval_step(loss_fn, shardings)
+    return create_state, shardings, train_step, make_eval_step(loss_fn, shardings)
+
+
+def compile_stage(
+    config: ml_collections.ConfigDict, stage: str, graphdef: Any, family: str, mesh: jax.sharding.Mesh, params: Any,
+    ref_params: Any,
+) -> tuple[TrainState, Callable, Callable]:
+    """(initial TrainState on its shardings, train step, eval step) of `stage`, compiled for `mesh`."""
+    create_state, shardings, train_step, eval_step = stage_steps(
+        config, stage, graphdef, family, mesh, params, ref_params)
     # Created on its shardings from a copy: the step donates the state's buffers, and `params` may be π_ref's own.
     state = jax.jit(create_state, out_shardings=shardings.state)(jax.tree.map(jnp.copy, params))
     return state, train_step, eval_step
@@ -157,7 +165,7 @@ def train_stage(
     """
     config, stage_config = run.config, run.config[stage]
     loss_name = "sft" if stage == "sft" else config.loss.name
-    if not losses.uses_reference(loss_name, _loss_params(config)):
+    if not losses.uses_reference(loss_name, loss_params(config)):
         ref_params = None
     state, train_step, eval_step = compile_stage(config, stage, run.graphdef, run.family, run.mesh, params, ref_params)
     batch_size, data_seed = config.train.batch_size, config.seed + STAGE_DATA_STREAMS[stage]
@@ -218,7 +226,7 @@ def train_stage(
             nonfinite.add(done, metrics["skipped"])
             nonfinite.settle(keep_latest=True)  # earlier steps' flags: the device is busy with this one
             checkpoints.poll()
-            stop_now = run.signals.requested  # read once: a signal arriving while this step logs stops after the next
+            stop_now = run.signals.should_stop(stage, done)  # once: a signal during this step's logging stops next
             log_now = done % config.train.log_every == 0 or done == num_steps
             save_now = done % config.train.checkpoint_every == 0 or done == num_steps or stop_now
             if not (log_now or save_now):
@@ -256,7 +264,8 @@ def train_stage(
     return state.params, initial_eval, eval_metrics
 
 
-def _loss_params(config: ml_collections.ConfigDict) -> losses.LossParams:
+def loss_params(config: ml_collections.ConfigDict) -> losses.LossParams:
+    """The loss hyper-parameters of `config.loss` (all but its name)."""
     fields = config.loss.to_dict()
     fields.pop("name")
     return losses.LossParams(**fields)
@@ -291,8 +300,12 @@ def build_model(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding
         by_path = {models.param_path(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
         _, params, _ = models.load_hf(config.model.path, shardings=lambda path, _: by_path[path])
     else:
-        init = lambda: models.split_params(models.model_from_config(model_config, nnx.Rngs(config.seed)))[1]  # noqa: E731
-        params = jax.jit(init, out_shardings=shardings)()
+        def init():
+            return models.split_params(models.model_from_config(model_config, nnx.Rngs(config.seed)))[1]
+
+        # Compiled straight onto the shardings; on one device eagerly, op by op, which keeps the exact values a
+        # single-device run has always had (compiled, XLA fuses the initialisers and the last bit can differ).
+        params = jax.device_put(init(), shardings) if mesh.size == 1 else jax.jit(init, out_shardings=shardings)()
     logging.info("model: %s", model_config)
     return graphdef, params, model_config
 
@@ -358,6 +371,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoint or a workdir in use), NonFiniteTraining, CheckpointSaveFailed, Preempted (after saving).
     """
     config_lib.validate(config)
+    if config.dry_run:  # shapes only: nothing is allocated, loaded or written
+        from dpo_jax import dry_run
+
+        with user_errors("dry run"):
+            text = dry_run.report(config)
+        print(text)
+        return {"dry_run": text}
     started = time.perf_counter()
     sharding.initialize_distributed(config.mesh.distributed)
     mesh = make_mesh(config)

@@ -5,7 +5,8 @@
 
 `steps`: three DPO steps of the short config on 1 device and on meshes data=8, fsdp=8 and data=2 × fsdp=2 ×
 tensor=2; writes each mesh's losses and final params (OUT_DIR/<mesh>.npz) and the shardings found (shardings.json).
-`train`: `run.train_and_evaluate` of the short config with the overrides (values are Python literals); under
+`train`: `run.train_and_evaluate` of the short config with the overrides (values are Python literals), stopping as
+the CLI does ("stopped: ...", its exit status); under
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID it is one process of a multi-host run.
 """
 
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 
 from conftest import make_short_config
-from dpo_jax import data, run, sharding
+from dpo_jax import data, errors, run, sharding
 
 MESHES = {"one_device": None, "data8": (8, 1, 1), "fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
 # Leaves whose shardings the test checks: a column- and a row-parallel kernel, the embedding, an optimizer slot.
@@ -73,7 +74,11 @@ def train(workdir: str, overrides: list[str]) -> None:
         for part in parents:
             node = node[part]
         node[leaf] = ast.literal_eval(value)
-    run.train_and_evaluate(config, workdir)
+    try:
+        run.train_and_evaluate(config, workdir)
+    except errors.RunStopped as stop:  # as python -m dpo_jax.main reports it
+        print(f"stopped: {stop}", flush=True)
+        sys.exit(stop.exit_status)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     words = data.get_tokenizer("synthetic_words")
     words.save_pretrained(str(tmp_path))
     tokenizer = data.get_tokenizer(config.data.tokenizer)
-    run.build_model(config, tokenizer)  # fits in the checkpoint's 320 ids
+    mesh = run.make_mesh(config)
+    run.build_model(config, tokenizer, mesh)  # fits in the checkpoint's 320 ids
     tokenizer.tokenizer.add_tokens([f"extra{i}" for i in range(300)])
     with pytest.raises(ValueError, match=rf"has {words.vocab_size + 300} ids but the model's vocabulary has 320"):
-        run.build_model(config, tokenizer)
+        run.build_model(config, tokenizer, mesh)

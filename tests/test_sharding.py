@@ -8,8 +8,11 @@ import json
 import os
 import shutil
 import socket
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -123,12 +126,13 @@ def final_params(workdir, stage="sft"):
     return {sharding.path_string(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 
-SFT = ["mode='sft'", "sft.num_steps=4", "train.checkpoint_every=2", "train.eval_every=2"]
+SFT = ["mode='sft'", "sft.num_steps=30", "train.checkpoint_every=15", "train.eval_every=15"]
+STEPS = 30
 
 
 @pytest.fixture(scope="module")
 def fsdp8_run(tmp_path_factory):
-    """4 SFT steps on one process with mesh fsdp = 8: the run the others must equal."""
+    """30 SFT steps on one process with mesh fsdp = 8: the run the others must equal."""
     workdir = str(tmp_path_factory.mktemp("fsdp8") / "run")
     mesh_checks("train", workdir, *SFT, "mesh.fsdp=8", env=EIGHT_DEVICES)
     return workdir
@@ -136,12 +140,12 @@ def fsdp8_run(tmp_path_factory):
 
 def test_a_checkpoint_saved_on_one_mesh_resumes_on_another_or_one_device(fsdp8_run, tmp_path):
     moved, alone = str(tmp_path / "moved"), str(tmp_path / "alone")
-    mesh_checks("train", moved, *SFT, "sft.num_steps=2", "mesh.fsdp=8", env=EIGHT_DEVICES)
+    mesh_checks("train", moved, *SFT, "sft.num_steps=15", "mesh.fsdp=8", env=EIGHT_DEVICES)
     shutil.copytree(moved, alone)
     resumed = [launch(["train", moved, *SFT, "mesh.fsdp=4", "mesh.tensor=2"], EIGHT_DEVICES),
                launch(["train", alone, *SFT, "mesh.fsdp=-1"])]  # 1 device
     for process, change in zip(resumed, ("mesh.fsdp: 8 -> 4; mesh.tensor: 1 -> 2", "mesh.fsdp: 8 -> -1")):
-        assert f"sft: resuming a run whose config differed: {change}; sft.num_steps: 2 -> 4" in finish(process)
+        assert f"sft: resuming a run whose config differed: {change}; sft.num_steps: 15 -> 30" in finish(process)
     expected = final_params(fsdp8_run)
     for workdir in (moved, alone):
         got = final_params(workdir)
@@ -155,20 +159,84 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_equal_one_process_of_eight(fsdp8_run, tmp_path):
-    workdir = str(tmp_path / "two")
+def launch_two_processes(workdir):
+    """Processes 0 and 1 of a jax.distributed run on localhost, 4 CPU devices each, one workdir."""
     port = free_port()
-    processes = [
+    return [
         launch(["train", workdir, *SFT, "mesh.fsdp=-1"], {
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
             "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(index)})
         for index in range(2)
     ]
-    outputs = [finish(p) for p in processes]
+
+
+def logged_steps(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def assert_equals_one_process(workdir, fsdp8_run):
     expected, got = final_params(fsdp8_run), final_params(workdir)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5, rtol=0, err_msg=key)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps == [1, 2, 3, 4]  # one metrics file, each step once: process 0 writes it
-    assert sorted(os.listdir(os.path.join(workdir, "sft", "checkpoints"))) == ["2", "4"]
+    # one metrics file (process 0's), each step once: what the preempted launch logged past its save is rewritten
+    assert logged_steps(workdir) == list(range(1, STEPS + 1))
+
+
+def test_two_processes_equal_one_and_survive_a_sigterm_to_one_of_them(fsdp8_run, tmp_path):
+    """2 processes × 4 devices (jax.distributed on localhost), one sent SIGTERM: both save the same step and exit
+    143; relaunched, they end where one process with 8 devices does, with one metrics file."""
+    workdir = str(tmp_path / "two")
+    processes = launch_two_processes(workdir)
+    while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(logged_steps(workdir)) >= 3):
+        assert all(p.poll() is None for p in processes), processes[0].communicate()[0][-3000:]
+        time.sleep(0.02)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [143, 143], outputs[0][-2000:] + outputs[1][-2000:]
+    stops = [re.search(r"stopped: SIGTERM at sft step (\d+) \(resumes from sft step (\d+)\)", o) for o in outputs]
+    assert all(stops), outputs
+    step = int(stops[0].group(1))
+    assert 3 <= step < STEPS and all(m.groups() == (str(step), str(step)) for m in stops)  # both saved that step
+    assert str(step) in os.listdir(os.path.join(workdir, "sft", "checkpoints"))
+    for process in launch_two_processes(workdir):
+        finish(process)
+    assert_equals_one_process(workdir, fsdp8_run)
+    assert sorted(os.listdir(os.path.join(workdir, "sft", "checkpoints")))[-1] == str(STEPS)
+
+
+GPTJ_6B = {  # EleutherAI/gpt-j-6b's config.json: the dry run needs the architecture, not the weights
+    "architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": 50400, "n_positions": 2048,
+    "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64, "n_inner": None, "activation_function": "gelu_new",
+    "layer_norm_epsilon": 1e-05, "tie_word_embeddings": False, "bos_token_id": 50256, "eos_token_id": 50256,
+}
+
+
+def test_dry_run_sizes_gptj_6b_per_device_without_weights_or_allocation(tmp_path):
+    from configs import tldr
+
+    checkpoint_dir = tmp_path / "gpt-j-6b"
+    checkpoint_dir.mkdir()
+    (checkpoint_dir / "config.json").write_text(json.dumps(GPTJ_6B))
+    config = tldr.get_config()
+    config.model.path = str(checkpoint_dir)
+    config.mesh.update(fsdp=8, device_memory_gb=16.0)  # a mesh larger than this machine
+    config.dry_run = True
+    workdir = tmp_path / "run"
+    text = run.train_and_evaluate(config, str(workdir))["dry_run"]
+    assert not workdir.exists()  # nothing written, nothing loaded
+    num_params = 6_050_882_784
+    assert f"GPTJConfig with {num_params:,} parameters, 64 pairs × 512 tokens" in text
+    assert "{'data': 1, 'fsdp': 8, 'tensor': 1} = 8 devices" in text
+    # every GPT-J dimension divides by 8: float32 params, RMSprop's one slot, gradients 1/8 each; π_ref in bfloat16
+    per_device = {name.strip(): float(value.split()[0]) for name, value in
+                  (line.rsplit("  ", 1) for line in text.splitlines() if line.startswith("  "))}
+    assert per_device["params (float32)"] == per_device["optimizer state"] == round(4 * num_params / 8 / 2**30, 2)
+    assert per_device["reference params (bfloat16)"] == round(2 * num_params / 8 / 2**30, 2)
+    assert text.splitlines()[-1].startswith("fits 16 GiB per device: yes")
+    config.model.update(remat="none", reference_dtype="float32")
+    assert run.train_and_evaluate(config, str(workdir))["dry_run"].splitlines()[-1].startswith("fits 16 GiB per device: NO")
+    # A mesh this machine has: the compiled step's own memory analysis too, still from shapes alone.
+    small = make_short_config()
+    small.dry_run = True
+    assert "compiled step temporaries (XLA, this machine)" in run.train_and_evaluate(small, str(workdir))["dry_run"]

@@ -1,5 +1,8 @@
 """The pure train step: the paper's gradient, a frozen reference, gradient accumulation."""
 
+import dataclasses
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from dpo_jax import losses, optimizer, step
+from dpo_jax import losses, models, optimizer, step
 from dpo_jax.logprobs import sequence_logprobs
 from dpo_jax.models import apply_model, config_from_section, model_from_config, split_params
 
@@ -177,3 +180,54 @@ def test_a_non_finite_step_changes_neither_params_nor_optimizer_state(poison):
     state, metrics = train_step(state, ref_params, {**random_batch(2), "poison": jnp.array(False)})
     assert float(metrics["skipped"]) == 0.0
     assert not np.array_equal(jax.tree.leaves(before[0])[0], np.asarray(jax.tree.leaves(state.params)[0]))
+
+
+def remat_model(family, remat):
+    fixture = models.read_hf_config(os.path.join(os.path.dirname(__file__), "fixtures", "hf", family))
+    return split_params(model_from_config(dataclasses.replace(fixture, remat=remat), nnx.Rngs(0)))
+
+
+def loss_and_grad(graphdef, params):
+    loss_fn = step.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128)
+    return jax.value_and_grad(lambda p: loss_fn(p, perturbed(params), random_batch(0))[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+def test_remat_wraps_every_block_of_every_family(family):
+    counts = {}
+    for remat in ("none", "block", "full"):
+        graphdef, params = remat_model(family, remat)
+        jaxpr = str(jax.make_jaxpr(loss_and_grad(graphdef, params))(params))
+        counts[remat] = jaxpr.count("remat")  # jax.checkpoint's primitive; the chunked log-probs always have it
+    assert counts["block"] == counts["full"] == counts["none"] + 2 * 2  # 2 layers, forward of policy and reference
+
+
+def test_remat_recomputes_the_same_loss_and_gradient():
+    """Rematerialising each block (keeping its matmuls, or nothing) changes memory, not the numbers."""
+    results = {}
+    for remat in ("none", "block", "full"):
+        graphdef, params = remat_model("llama", remat)
+        results[remat] = jax.jit(loss_and_grad(graphdef, params))(params)
+    for remat in ("block", "full"):
+        np.testing.assert_allclose(results[remat][0], results["none"][0], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(results[remat][1]), jax.tree.leaves(results["none"][1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_params_log_probs_and_loss():
+    """Compute in bfloat16 (as on TPU/GPU), π_ref stored in bfloat16: params stay float32, log-probs and the loss are
+    float32 and close to the float32 run's."""
+    fixture = models.read_hf_config(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama"))
+    graphdef, params = split_params(model_from_config(fixture, nnx.Rngs(0)))
+    bf16_graphdef, _ = models.abstract_model(dataclasses.replace(fixture, dtype="bfloat16"))
+    ref_params = perturbed(params)
+    ref_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), ref_params)
+    batch = random_batch(0)
+    loss32, metrics32 = step.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128)(params, ref_params, batch)
+    loss16, metrics16 = jax.jit(step.make_loss_fn(bf16_graphdef, "dpo", losses.LossParams(beta=0.1), 128))(
+        params, ref_bf16, batch)
+    assert loss16.dtype == metrics16["logps/chosen"].dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    np.testing.assert_allclose(loss16, loss32, atol=2e-2)
+    np.testing.assert_allclose(metrics16["logps/chosen"], metrics32["logps/chosen"], rtol=2e-2)
+    assert float(loss16) != float(loss32)  # it did compute in bfloat16

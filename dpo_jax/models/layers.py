@@ -231,4 +231,9 @@ def call_block(block: nnx.Module, remat: str, *args: jax.Array) -> jax.Array:
     recomputation (one block's activations live at a time instead of every block's)."""
     if remat == "none":
         return block(*args)
-    return nnx.remat(lambda module, *inputs: module(*inputs), policy=_REMAT_POLICIES[remat])(block, *args)
+    graphdef, params = nnx.split(block)  # a pure function of the block's params: blocks hold nothing they update
+
+    def pure(params, *inputs):
+        return nnx.merge(graphdef, params)(*inputs)
+
+    return jax.checkpoint(pure, policy=_REMAT_POLICIES[remat])(params, *args)
