@@ -18,10 +18,10 @@ import subprocess
 import sys
 import time
 
-MODELS = {  # Llama-style decoders
-    "small": dict(num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=4, head_dim=64, intermediate_size=768,
-                  vocab_size=32000),
-    "medium": dict(num_layers=6, hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, intermediate_size=1536,
+MODELS = {  # Llama-style decoders: the benchmark workloads' models (benchmarks of the speed issue use the same)
+    "small": dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=4, head_dim=64, intermediate_size=704,
+                  vocab_size=8192),
+    "medium": dict(num_layers=6, hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, intermediate_size=1408,
                    vocab_size=32000),
 }
 
