@@ -36,8 +36,8 @@ def _mesh(config: ml_collections.ConfigDict) -> AbstractMesh:
     return AbstractMesh(sharding.mesh_shape(config.mesh, num_devices), sharding.MESH_AXES)
 
 
-def bytes_per_device(tree: Any, family: str, mesh: AbstractMesh, dtype: Any = None) -> int:
-    """Bytes of `tree`'s largest shards on one device of `mesh` by the partition rules (in `dtype` if given)."""
+def bytes_per_device(tree: Any, family: str, mesh: AbstractMesh) -> int:
+    """Bytes of `tree`'s largest shards on one device of `mesh` by the partition rules."""
     specs = sharding.partition_specs(tree, family)
     total = 0
     for leaf, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))):
@@ -46,7 +46,7 @@ def bytes_per_device(tree: Any, family: str, mesh: AbstractMesh, dtype: Any = No
         for dim, axes in enumerate(fitted):
             names = (axes,) if isinstance(axes, str) else tuple(axes or ())
             shard[dim] //= math.prod(mesh.shape[name] for name in names)
-        total += math.prod(shard) * jnp.dtype(dtype or leaf.dtype).itemsize
+        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
     return total
 
 
@@ -68,7 +68,7 @@ def activation_bytes(model_config: Any, config: ml_collections.ConfigDict, mesh:
     return int(kept + logits)
 
 
-def compiled_temporaries(config, graphdef, family, mesh_shape, params, ref_params) -> int | None:
+def compiled_temporaries(config, stage, graphdef, family, mesh_shape, params, ref_params) -> int | None:
     """Temporary bytes per device of the compiled train step from XLA's memory analysis, when this machine has the
     mesh's devices (compiled from shapes alone; nothing is allocated); None otherwise."""
     if math.prod(mesh_shape) != jax.device_count():
@@ -76,15 +76,11 @@ def compiled_temporaries(config, graphdef, family, mesh_shape, params, ref_param
     from dpo_jax import run  # the run's own step factories
 
     mesh = jax.make_mesh(mesh_shape, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    stage = "sft" if config.mode == "sft" else "dpo"
     create_state, _, train_step, _ = run.stage_steps(config, stage, graphdef, family, mesh, params, ref_params)
     B, T = config.train.batch_size, config.data.max_length
-    loss_name = "sft" if stage == "sft" else config.loss.name
-    keys = ("chosen", "rejected") if losses.takes(loss_name, True) else ("completion", "kl")
-    batch = {f"{k}_{part}": jax.ShapeDtypeStruct((B, T), jnp.int32 if part == "tokens" else jnp.float32)
-             for k in keys for part in ("tokens", "loss_mask")}
-    if "completion_tokens" in batch:
-        batch["label"] = jax.ShapeDtypeStruct((B,), jnp.float32)
+    keys = data.PAIRED_KEYS if losses.takes(run.stage_loss(config, stage), True) else data.UNPAIRED_KEYS
+    batch = {key: jax.ShapeDtypeStruct((B,) if key == "label" else (B, T),
+                                       jnp.int32 if key.endswith("_tokens") else jnp.float32) for key in keys}
     state = jax.eval_shape(create_state, params)
     analysis = train_step.lower(state, ref_params, batch).compile().memory_analysis()
     return None if analysis is None else int(analysis.temp_size_in_bytes)
@@ -102,10 +98,10 @@ def report(config: ml_collections.ConfigDict) -> str:
     model_config = run.model_config_of(config, vocab_size)
     family = models.family_of(model_config).name
     graphdef, params = models.abstract_model(model_config)
-    stage = "sft" if config.mode == "sft" else "dpo"
+    stage = "sft" if config.mode == "sft" else "dpo"  # the stage whose step the run ends with
     tx, _ = make_optimizer(config.optimizer, config[stage])
     state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
-    loss_name = "sft" if stage == "sft" else config.loss.name
+    loss_name = run.stage_loss(config, stage)
     uses_reference = losses.uses_reference(loss_name, run.loss_params(config))
     ref_dtype = jnp.dtype(config.model.reference_dtype)
     ref_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype), params) if uses_reference else None
@@ -126,7 +122,7 @@ def report(config: ml_collections.ConfigDict) -> str:
     ]
     lines += [f"  {name:46s}{_size(value)}" for name, value in rows.items()]
     lines.append(f"  {'total':46s}{_size(total)}")
-    temporaries = compiled_temporaries(config, graphdef, family, tuple(mesh.shape.values()), params, ref_params)
+    temporaries = compiled_temporaries(config, stage, graphdef, family, tuple(mesh.shape.values()), params, ref_params)
     if temporaries is not None:
         lines.append(f"  {'compiled step temporaries (XLA, this machine)':46s}{_size(temporaries)}")
     if config.mesh.device_memory_gb:

@@ -127,7 +127,7 @@ def stage_steps(
 ) -> tuple[Callable, StepShardings, Callable, Callable]:
     """(create_state, shardings, train step, eval step) of `stage` for `mesh`, from params or their shapes: state and
     π_ref (None: a loss without reference) sharded by the partition rules, batches over the data axes."""
-    loss_name = "sft" if stage == "sft" else config.loss.name
+    loss_name = stage_loss(config, stage)
     tx, schedule = make_optimizer(config.optimizer, config[stage])
 
     def create_state(p):
@@ -164,7 +164,7 @@ def train_stage(
     Returns (final params, eval metrics of the initial params if `evaluate_start` else {}, final eval metrics).
     """
     config, stage_config = run.config, run.config[stage]
-    loss_name = "sft" if stage == "sft" else config.loss.name
+    loss_name = stage_loss(config, stage)
     if not losses.uses_reference(loss_name, loss_params(config)):
         ref_params = None
     state, train_step, eval_step = compile_stage(config, stage, run.graphdef, run.family, run.mesh, params, ref_params)
@@ -264,6 +264,11 @@ def train_stage(
     return state.params, initial_eval, eval_metrics
 
 
+def stage_loss(config: ml_collections.ConfigDict, stage: str) -> str:
+    """The loss `stage` trains with: Preferred-FT's likelihood for 'sft', the configured loss for 'dpo'."""
+    return "sft" if stage == "sft" else config.loss.name
+
+
 def loss_params(config: ml_collections.ConfigDict) -> losses.LossParams:
     """The loss hyper-parameters of `config.loss` (all but its name)."""
     fields = config.loss.to_dict()
@@ -340,7 +345,7 @@ def build_data(config: ml_collections.ConfigDict, tokenizer) -> Data:
             num_threads=config.data.num_threads, **settings,
         )
     for stage in _stages(config):
-        loss_name = "sft" if stage == "sft" else config.loss.name
+        loss_name = stage_loss(config, stage)
         for split, batch_size, key in (("train", config.train.batch_size, "batch_size"),
                                        ("eval", config.train.eval_batch_size, "eval_batch_size")):
             examples = examples_for(loss_name, splits[split], f"data.source = {config.data.source!r}")
