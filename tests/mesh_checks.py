@@ -22,6 +22,7 @@ import numpy as np
 
 from conftest import make_short_config
 from dpo_jax import data, errors, run, sharding
+from dpo_jax.config import ConfigError
 
 MESHES = {"one_device": None, "data8": (8, 1, 1), "fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
 # Leaves whose shardings the test checks: a column- and a row-parallel kernel, the embedding, an optimizer slot.
@@ -61,6 +62,12 @@ def steps(out_dir: str) -> None:
         }
         np.savez(os.path.join(out_dir, f"{name}.npz"), losses=np.asarray(losses),
                  **{path: np.asarray(leaf) for path, leaf in flat(state.params).items()})
+    uneven = make_short_config()
+    uneven.train.eval_batch_size = 12  # 8 devices split no batch of 12 rows
+    try:
+        run.make_mesh(uneven)
+    except ConfigError as error:
+        found["uneven_batch_error"] = str(error)
     with open(os.path.join(out_dir, "shardings.json"), "w") as f:
         json.dump(found, f, indent=1)
 

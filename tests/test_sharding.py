@@ -115,6 +115,9 @@ def test_sharded_steps_equal_one_device_and_arrays_are_sharded_as_the_rules_say(
     assert found["fsdp8"][q]["shard_shape"] == [found["fsdp8"][q]["shape"][0] // 8, found["fsdp8"][q]["shape"][1]]
     assert found["fsdp8"][nu] == found["fsdp8"][q]
     assert found["data8"][q]["shard_shape"] == found["data8"][q]["shape"]
+    assert found["uneven_batch_error"] == (
+        "config.train.eval_batch_size = 12 is invalid: each (micro-)batch of 12 rows must split evenly over "
+        "mesh.data × mesh.fsdp = 8 devices and 1 processes")
 
 
 def final_params(workdir, stage="sft"):
@@ -240,3 +243,18 @@ def test_dry_run_sizes_gptj_6b_per_device_without_weights_or_allocation(tmp_path
     small = make_short_config()
     small.dry_run = True
     assert "compiled step temporaries (XLA, this machine)" in run.train_and_evaluate(small, str(workdir))["dry_run"]
+
+
+def test_mesh_and_batch_settings_that_cannot_work_are_config_errors():
+    from dpo_jax.config import ConfigError, validate
+
+    config = make_short_config()
+    config.mesh.update(data=-1, fsdp=-1)
+    with pytest.raises(ConfigError, match=r"config.mesh = .* is invalid: expected at most one axis of -1"):
+        validate(config)
+    config.mesh.update(data=0, fsdp=-1)
+    with pytest.raises(ConfigError, match=r"config.mesh.data = 0 is invalid: expected a positive number of devices"):
+        validate(config)
+    config.mesh.update(data=2, fsdp=1)  # this process has one device
+    with pytest.raises(ConfigError, match=r"needs 2 devices; there are 1"):
+        run.make_mesh(config)
