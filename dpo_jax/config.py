@@ -15,7 +15,8 @@ import ml_collections
 from dpo_jax import losses
 from dpo_jax.errors import UserError
 
-MODES = ("sft", "dpo", "sft_then_dpo")
+MODES = ("sft", "dpo", "sft_then_dpo", "precompute_ref")
+LOGPROBS = ("completion_only", "all_positions")
 OPTIMIZERS = ("rmsprop", "adamw")
 SCHEDULES = ("constant", "cosine")
 STAGES = ("sft", "dpo")
@@ -24,7 +25,8 @@ STAGES = ("sft", "dpo")
 def base_config() -> ml_collections.ConfigDict:
     """The paper's settings (Rafailov et al., 2023, App. B) and the reference code's truncation."""
     config = ml_collections.ConfigDict()
-    config.mode = "sft_then_dpo"  # sft: Preferred-FT only; dpo: from an SFT checkpoint; both in turn.
+    # sft: Preferred-FT only; dpo: from an SFT checkpoint; both in turn; precompute_ref: write ref.cache and stop.
+    config.mode = "sft_then_dpo"
     config.seed = 0
 
     # With `path` (a Hugging Face checkpoint directory or repo id), the architecture and weights come from the
@@ -79,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
             download=True,  # fetch raw data from its original location when not prepared yet
             raw_dir="",  # or prepare the paper's datasets from a local copy of their raw files (original layout)
             strict=False,  # a bad record stops the run (True) or is skipped and counted in data_report.json
-            length_buckets=(),  # padded lengths of batches; () : max_length / 4, / 2 and itself
+            length_buckets=(),  # padded lengths of rows; () : max_length / 4, / 2, max_length (see data.length_buckets)
             num_threads=8,  # Grain threads tokenising the records at start
         )
     )
@@ -126,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every=100,
             keep_checkpoints=2,
             logprob_chunk_size=128,  # positions per logits chunk: bounds [B, chunk, V] memory
+            # shared_prompt: a row [prompt | chosen | rejected] per pair, the prompt run once; none: a row per
+            # completion. completion_only: the LM head runs at completion tokens only; all_positions: everywhere.
+            pack="shared_prompt",
+            logprobs="completion_only",
             progress_bar=True,
             # Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
             max_nonfinite_steps=10,
@@ -133,6 +139,10 @@ def base_config() -> ml_collections.ConfigDict:
             max_save_failures=3,
         )
     )
+    # π_ref's log-probs cached in a directory (written by mode=precompute_ref, or by the first DPO run that finds it
+    # absent): the DPO stage then skips π_ref's forward and holds no π_ref params. Keyed by data, tokenizer,
+    # lengths and π_ref; a cache whose key differs is refused. '' : π_ref runs in every step.
+    config.ref = ml_collections.ConfigDict(dict(cache=""))
     config.eval = ml_collections.ConfigDict(
         dict(
             max_new_tokens=16,
@@ -252,11 +262,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _number(config, "data.eval_fraction", 0, 0.5, low_open=True)
     _choice(config, "data.download", (True, False))
     _choice(config, "data.strict", (True, False))
+    _choice(config, "train.pack", data.PACKS)
+    _choice(config, "train.logprobs", LOGPROBS)
+    _check(config.train.pack != "shared_prompt" or config.train.logprobs == "completion_only", "train.logprobs",
+           "'completion_only' with train.pack = 'shared_prompt' (rejected's first token is scored from the "
+           "prompt's last position, which only the completion-only block expresses)", config.train.logprobs)
     buckets = config.data.length_buckets
+    longest = config.data.max_length * (2 if config.train.pack == "shared_prompt" else 1)
     _check(
-        isinstance(buckets, (tuple, list)) and all(isinstance(b, int) and 0 < b <= config.data.max_length for b in buckets),
+        isinstance(buckets, (tuple, list)) and all(isinstance(b, int) and 0 < b <= longest for b in buckets),
         "data.length_buckets",
-        f"a tuple of lengths in [1, data.max_length = {config.data.max_length}] (or () for the default)",
+        f"a tuple of row lengths in [1, {longest}] (data.max_length, twice that for train.pack = 'shared_prompt'; "
+        "or () for the default)",
         buckets,
     )
     _positive_int(config, "data.num_threads")
@@ -286,11 +303,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.dpo.reference_workdir,
     )
     _check(
-        not config.dpo.reference_workdir or config.mode == "dpo",
+        not config.dpo.reference_workdir or config.mode in ("dpo", "precompute_ref"),
         "dpo.reference_workdir",
-        f"'' unless config.mode = 'dpo' (it is {config.mode!r}, which never reads it)",
+        f"'' unless config.mode = 'dpo' or 'precompute_ref' (it is {config.mode!r}, which never reads it)",
         config.dpo.reference_workdir,
     )
+    _check(isinstance(config.ref.cache, str), "ref.cache", "a directory path string ('' for none)", config.ref.cache)
+    _check(bool(config.ref.cache) or config.mode != "precompute_ref", "ref.cache",
+           "the directory to write (config.mode = 'precompute_ref')", config.ref.cache)
+    _check(not config.ref.cache or config.mode != "sft", "ref.cache",
+           "'' with config.mode = 'sft' (Preferred-FT has no reference)", config.ref.cache)
+    if config.ref.cache:
+        spec = losses.get_loss(config.loss.name)
+        _check(spec.data != "unpaired", "ref.cache", f"'' with loss.name = {config.loss.name!r}: its reference "
+               "point pairs completions of different examples within each batch, which no per-example cache holds",
+               config.ref.cache)
 
     for key in ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "eval_every",
                 "checkpoint_every", "keep_checkpoints", "logprob_chunk_size", "max_nonfinite_steps",

@@ -1,9 +1,13 @@
 """Sequence log-probs over completion tokens only, in float32, from a decoder's hidden states.
 
-Convention (set by `dpo_jax.data.tokenize`): `loss_mask_BxT[b, t] = 1` iff `tokens_BxT[b, t]` is a
-completion token (EOS included); its log-prob comes from the logits at position t − 1. Logits are
-computed chunk by chunk over the sequence (and recomputed in the backward pass), so the full
-[B, T, V] logits array never exists at once.
+Two ways to score, with the same result:
+- every position (`sequence_logprobs`): `loss_mask_BxT[b, t] = 1` iff `tokens_BxT[b, t]` is a completion token
+  (EOS included), scored from the logits at t − 1; the LM head runs at every position, prompt included.
+- completion-only (`gathered_logprobs` + `slot_sums`): the data pipeline lists each row's scored tokens in a
+  fixed-size block of N entries (target token, the position whose hidden state predicts it, and the sequence it
+  belongs to); the LM head runs at those N positions only. It is the only way to score a shared-prompt row
+  `[prompt | chosen | rejected]`, where rejected's first token is predicted from the prompt's last position.
+Logits are computed chunk by chunk (and recomputed in the backward pass), so no [B, T, V] array ever exists.
 """
 
 from __future__ import annotations
@@ -35,16 +39,39 @@ def map_over_chunks(fn: Callable[..., jax.Array], arrays_BxS: tuple[jax.Array, .
     return out_NxBxC.swapaxes(0, 1).reshape(batch, -1)[:, :length]
 
 
-def token_logprobs(
-    hidden_BxTxD: jax.Array, logits_fn: LogitsFn, tokens_BxT: jax.Array, chunk_size: int = 128
-) -> jax.Array:
-    """log π(tokens[t] | tokens[<t]) for t ≥ 1, float32 [B, T−1], computed `chunk_size` positions at a time."""
+def _target_logprobs(logits_fn: LogitsFn) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """(hidden_BxCxD, targets_BxC) -> log-softmax of the logits at the targets, float32 [B, C]."""
 
     def chunk_logprobs(hidden_BxCxD, targets_BxC):
         logprobs_BxCxV = jax.nn.log_softmax(logits_fn(hidden_BxCxD).astype(jnp.float32), axis=-1)
         return jnp.take_along_axis(logprobs_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
 
-    return map_over_chunks(chunk_logprobs, (hidden_BxTxD[:, :-1], tokens_BxT[:, 1:]), chunk_size)
+    return chunk_logprobs
+
+
+def token_logprobs(
+    hidden_BxTxD: jax.Array, logits_fn: LogitsFn, tokens_BxT: jax.Array, chunk_size: int = 128
+) -> jax.Array:
+    """log π(tokens[t] | tokens[<t]) for t ≥ 1, float32 [B, T−1], computed `chunk_size` positions at a time."""
+    return map_over_chunks(_target_logprobs(logits_fn), (hidden_BxTxD[:, :-1], tokens_BxT[:, 1:]), chunk_size)
+
+
+def gathered_logprobs(
+    hidden_BxTxD: jax.Array, logits_fn: LogitsFn, sources_BxN: jax.Array, targets_BxN: jax.Array,
+    chunk_size: int = 128,
+) -> jax.Array:
+    """log π(targets[b, n] | the row up to position sources[b, n]), float32 [B, N]: the LM head and log-softmax
+    run at the N gathered positions only, `chunk_size` at a time (prompt positions are never projected)."""
+    hidden_BxNxD = jnp.take_along_axis(hidden_BxTxD, sources_BxN[..., None], axis=1)
+    return map_over_chunks(_target_logprobs(logits_fn), (hidden_BxNxD, targets_BxN), chunk_size)
+
+
+def slot_sums(logprobs_BxN: jax.Array, slots_BxN: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
+    """(Σ log-probs of each sequence [B, K], its token count [B, K]) for a block whose entry n belongs to sequence
+    slots[b, n] of its row (0 ≤ slot < K; −1 marks the block's padding, which counts nowhere)."""
+    member_BxNxK = slots_BxN[..., None] == jnp.arange(num_slots)
+    sums_BxK = jnp.where(member_BxNxK, logprobs_BxN[..., None], 0.0).sum(axis=1)
+    return sums_BxK, member_BxNxK.sum(axis=1).astype(jnp.float32)
 
 
 def token_kl(

@@ -23,13 +23,15 @@ from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from dpo_jax import checkpoint, data, evaluate, losses, models, sharding
+from dpo_jax import checkpoint, data, evaluate, losses, models, reference_cache, sharding
 from dpo_jax import config as config_lib
 from dpo_jax.errors import NonFiniteTraining, user_errors
 from dpo_jax.guards import PreemptionSignals, WorkdirLock
 from dpo_jax.metrics_writer import MetricsWriter, NullWriter, plot_training_curves
 from dpo_jax.optimizer import make_optimizer
-from dpo_jax.step import StepShardings, TrainState, make_eval_step, make_loss_fn, make_train_step
+from dpo_jax.step import (
+    StepShardings, TrainState, make_eval_step, make_loss_fn, make_sequence_logps, make_train_step,
+)
 
 STAGE_DATA_STREAMS = {"sft": 0, "dpo": 1}  # each stage's batch order: seed + this
 DATA_REPORT = "data_report.json"  # what the scan of each split kept, truncated and skipped (with origins)
@@ -45,6 +47,8 @@ class Data:
     prompt_lengths: np.ndarray  # [N]
     buckets: tuple[int, ...]
     pad_id: int
+    layout: data.Layout
+    fingerprint: str = ""  # of the records (for a reference cache's key; computed only when ref.cache is set)
 
 
 @dataclasses.dataclass
@@ -75,13 +79,13 @@ def examples_for(loss_name: str, examples: data.Examples, source: str = "the dat
 
 
 def evaluate_pairs(
-    eval_step: Callable, params: Any, ref_params: Any, examples: data.Examples, batch_size: int, buckets, pad_id: int,
+    eval_step: Callable, params: Any, ref_params: Any, examples: data.Examples, batch_size: int, run_data: Data,
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
     """Metrics over every held-out example exactly once (padding rows carry weight 0)."""
     totals: dict[str, float] = {}
     weight_total = 0.0
-    for batch in data.eval_batches(examples, batch_size, buckets, pad_id):
+    for batch in data.eval_batches(examples, batch_size, run_data.buckets, run_data.pad_id, run_data.layout):
         metrics, weight = jax.device_get(eval_step(params, ref_params, sharding.whole_batch(batch, mesh)))
         weight_total += float(weight)
         for name, value in metrics.items():
@@ -146,20 +150,24 @@ def stage_steps(
 
 def compile_stage(
     config: ml_collections.ConfigDict, stage: str, graphdef: Any, family: str, mesh: jax.sharding.Mesh, params: Any,
-    ref_params: Any,
+    ref_params: Any, donate_params: bool = False,
 ) -> tuple[TrainState, Callable, Callable]:
-    """(initial TrainState on its shardings, train step, eval step) of `stage`, compiled for `mesh`."""
+    """(initial TrainState on its shardings, train step, eval step) of `stage`, compiled for `mesh`. With
+    `donate_params` the state takes over `params`' buffers (they are deleted) instead of copying them."""
     create_state, shardings, train_step, eval_step = stage_steps(
         config, stage, graphdef, family, mesh, params, ref_params)
-    # Created on its shardings from a copy: the step donates the state's buffers, and `params` may be π_ref's own.
-    state = jax.jit(create_state, out_shardings=shardings.state)(jax.tree.map(jnp.copy, params))
+    if donate_params:
+        state = jax.jit(create_state, out_shardings=shardings.state, donate_argnums=0)(params)
+    else:  # A copy: the step donates the state's buffers, and `params` may be π_ref's own.
+        state = jax.jit(create_state, out_shardings=shardings.state)(jax.tree.map(jnp.copy, params))
     return state, train_step, eval_step
 
 
 def train_stage(
-    run: Run, stage: str, params: Any, ref_params: Any, evaluate_start: bool = False
+    run: Run, stage: str, params: Any, ref_params: Any, evaluate_start: bool = False, donate_params: bool = False,
 ) -> tuple[Any, dict[str, float], dict[str, float]]:
-    """Run (or resume) one stage, 'sft' or 'dpo', to its last step.
+    """Run (or resume) one stage, 'sft' or 'dpo', to its last step (`donate_params`: the stage takes `params`'
+    buffers over; no copy of them stays in device memory).
 
     Returns (final params, eval metrics of the initial params if `evaluate_start` else {}, final eval metrics).
     """
@@ -167,20 +175,20 @@ def train_stage(
     loss_name = stage_loss(config, stage)
     if not losses.uses_reference(loss_name, loss_params(config)):
         ref_params = None
-    state, train_step, eval_step = compile_stage(config, stage, run.graphdef, run.family, run.mesh, params, ref_params)
+    state, train_step, eval_step = compile_stage(
+        config, stage, run.graphdef, run.family, run.mesh, params, ref_params, donate_params)
     batch_size, data_seed = config.train.batch_size, config.seed + STAGE_DATA_STREAMS[stage]
     train_examples = examples_for(loss_name, run.data.train)
     eval_examples = examples_for(loss_name, run.data.eval)
     batches = data.TrainBatches(
         train_examples, batch_size=batch_size, seed=data_seed, buckets=run.data.buckets, pad_id=run.data.pad_id,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(), layout=run.data.layout,
     )
 
     def evaluate_params(p):
-        return evaluate_pairs(eval_step, p, ref_params, eval_examples, config.train.eval_batch_size,
-                              run.data.buckets, run.data.pad_id, run.mesh)
+        return evaluate_pairs(eval_step, p, ref_params, eval_examples, config.train.eval_batch_size, run.data, run.mesh)
 
-    initial_eval = evaluate_params(params) if evaluate_start else {}
+    initial_eval = evaluate_params(state.params) if evaluate_start else {}  # the state starts from `params`
     checkpoints = checkpoint.StageCheckpoints(
         run.workdir, stage, config.train.keep_checkpoints, config.train.max_save_failures
     )
@@ -337,11 +345,11 @@ def build_data(config: ml_collections.ConfigDict, tokenizer) -> Data:
         eval_fraction=config.data.eval_fraction, tfds_data_dir=config.data.tfds_data_dir,
         download=config.data.download, raw_dir=config.data.raw_dir,
     )
-    splits = {}
+    splits, records = {}, {}
     for split, num_records in (("train", config.data.num_train_pairs), ("eval", config.data.num_eval_pairs)):
-        records = data.load_split(config.data.source, split, num_records=num_records, **source)
+        records[split] = data.load_split(config.data.source, split, num_records=num_records, **source)
         splits[split] = data.scan(
-            records, tokenizer, strict=config.data.strict, name=f"{config.data.source}/{split}",
+            records[split], tokenizer, strict=config.data.strict, name=f"{config.data.source}/{split}",
             num_threads=config.data.num_threads, **settings,
         )
     for stage in _stages(config):
@@ -360,13 +368,20 @@ def build_data(config: ml_collections.ConfigDict, tokenizer) -> Data:
     return Data(
         train=splits["train"], eval=splits["eval"], prompt_tokens=prompt_tokens,
         prompt_lengths=np.asarray([len(p) for p in prompts], np.int32),
-        buckets=data.length_buckets(config.data.max_length, tuple(config.data.length_buckets)),
+        buckets=data.length_buckets(config.data.max_length, tuple(config.data.length_buckets), config.train.pack),
         pad_id=tokenizer.pad_token_id,
+        layout=layout_of(config),
+        fingerprint=reference_cache.records_fingerprint(records) if config.ref.cache else "",
     )
 
 
+def layout_of(config: ml_collections.ConfigDict) -> data.Layout:
+    """How the config's batches lay out pairs: train.pack, and train.logprobs = completion_only."""
+    return data.Layout(config.train.pack, completion_only=config.train.logprobs == "completion_only")
+
+
 def _stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    return {"sft": ("sft",), "dpo": ("dpo",), "sft_then_dpo": ("sft", "dpo")}[config.mode]
+    return {"sft": ("sft",), "dpo": ("dpo",), "sft_then_dpo": ("sft", "dpo"), "precompute_ref": ("dpo",)}[config.mode]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -417,7 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        plot_training_curves(workdir)
+        if config.mode != "precompute_ref":  # which trains nothing
+            plot_training_curves(workdir)
     return summary
 
 
@@ -446,39 +462,117 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def _run_stages(run: Run, params: Any, tokenizer) -> dict[str, Any]:
-    """The config's mode: Preferred-FT, DPO, or both in turn; then samples of π_ref and the policy."""
+    """The config's mode: Preferred-FT, DPO, or both in turn, then samples of π_ref and the policy; or
+    precompute_ref: π_ref's log-probs into ref.cache."""
     config, results = run.config, {}
     if config.mode in ("sft", "sft_then_dpo"):
         params, _, results["sft"] = train_stage(run, "sft", params, None)
         run.signals.stop(f"sft step {config.sft.num_steps}, the end of the stage (saved)")
-    elif config.dpo.reference_workdir:
-        with user_errors("config.dpo.reference_workdir"):
-            params = checkpoint.load_final_params(config.dpo.reference_workdir, "sft", checkpoint.abstract(params))
-    elif not config.model.path:
-        logging.warning("mode=dpo without dpo.reference_workdir or model.path: π_ref is a random model")
+    else:
+        params = _dpo_start_params(run, params)
+    if config.mode == "precompute_ref":
+        started = time.perf_counter()
+        key = build_reference_cache(run, tokenizer, params)
+        results["reference_cache"] = {"path": config.ref.cache, "key": key, "seconds": time.perf_counter() - started,
+                                      "examples": {"train": len(run.data.train), "eval": len(run.data.eval)}}
+        print(f"reference log-probs of {len(run.data.train)} train and {len(run.data.eval)} eval pairs written to "
+              f"{config.ref.cache} in {results['reference_cache']['seconds']:.1f} s")
+    if config.mode not in ("dpo", "sft_then_dpo"):
+        return results
 
-    if config.mode in ("dpo", "sft_then_dpo"):
-        # Frozen: the step never updates it, and it is no part of the train state.
+    cached = bool(config.ref.cache) and losses.uses_reference(config.loss.name, loss_params(config))
+    if cached:  # π_ref's log-probs ride in the batches; its params are dropped (the policy takes their buffers)
+        run = use_reference_cache(run, tokenizer, params)
+        params, results["dpo_initial"], results["dpo"] = train_stage(run, "dpo", params, None, True, donate_params=True)
+    else:  # Frozen: the step never updates it, and it is no part of the train state.
         ref_params = reference_params(params, config.model.reference_dtype)
         params, results["dpo_initial"], results["dpo"] = train_stage(run, "dpo", params, ref_params, True)
-        run.signals.stop(f"dpo step {config.dpo.num_steps}, the end of the stage (saved)")
-        prompt_tokens, prompt_lengths = run.data.prompt_tokens, run.data.prompt_lengths
-        if len(prompt_tokens):  # data.num_eval_prompts = 0 skips the evaluation on samples
-            sampling = dict(
-                tokenizer=tokenizer,
-                reward_fn=data.ground_truth_reward_fn(config.data.source),
-                max_new_tokens=config.eval.max_new_tokens,
-                temperature=config.eval.temperature,
-                top_p=config.eval.top_p,
-                rng=jax.random.key(config.seed),
-                chunk_size=config.train.logprob_chunk_size,
-            )
-            results["samples"] = {
-                name: evaluate.sample_metrics(run.graphdef, p, ref_params, prompt_tokens, prompt_lengths, **sampling)
-                for name, p in (("reference", ref_params), ("policy", params))
-            }
-        print(before_after_table(results))
+    run.signals.stop(f"dpo step {config.dpo.num_steps}, the end of the stage (saved)")
+    prompt_tokens, prompt_lengths = run.data.prompt_tokens, run.data.prompt_lengths
+    if len(prompt_tokens):  # data.num_eval_prompts = 0 skips the evaluation on samples
+        if cached:  # π_ref again, for its samples and the KL, from where the stage's start came from
+            ref_params = reference_params(_dpo_start_params(run, None, tokenizer), config.model.reference_dtype)
+        sampling = dict(
+            tokenizer=tokenizer,
+            reward_fn=data.ground_truth_reward_fn(config.data.source),
+            max_new_tokens=config.eval.max_new_tokens,
+            temperature=config.eval.temperature,
+            top_p=config.eval.top_p,
+            rng=jax.random.key(config.seed),
+            chunk_size=config.train.logprob_chunk_size,
+        )
+        results["samples"] = {
+            name: evaluate.sample_metrics(run.graphdef, p, ref_params, prompt_tokens, prompt_lengths, **sampling)
+            for name, p in (("reference", ref_params), ("policy", params))
+        }
+    print(before_after_table(results))
     return results
+
+
+def _dpo_start_params(run: Run, params: Any, tokenizer=None) -> Any:
+    """The params DPO starts from, which are π_ref: the SFT stage's final ones (mode sft_then_dpo, read back from
+    this workdir), dpo.reference_workdir's, or else `params` (config.model's; rebuilt when None)."""
+    config = run.config
+    workdir = run.workdir if config.mode == "sft_then_dpo" else config.dpo.reference_workdir
+    if workdir:
+        abstract = sharding.abstract_params(models.abstract_model(run.model_config)[1], run.family, run.mesh)
+        with user_errors("config.dpo.reference_workdir" if workdir != run.workdir else "the sft stage's checkpoint"):
+            return checkpoint.load_final_params(workdir, "sft", abstract)
+    if params is None:
+        params = build_model(config, tokenizer, run.mesh)[1]
+    elif not config.model.path:
+        logging.warning("mode=dpo without dpo.reference_workdir or model.path: π_ref is a random model")
+    return params
+
+
+def reference_key(run: Run, tokenizer, params: Any) -> dict[str, str]:
+    """The reference cache key of this run's data, tokenizer, length settings and π_ref (`params`, the DPO start)."""
+    config = run.config
+    lengths = {k: config.data[k] for k in ("max_length", "max_prompt_length", "truncation_mode")}
+    return reference_cache.cache_key(
+        data=run.data.fingerprint, tokenizer=reference_cache.tokenizer_fingerprint(tokenizer), lengths=lengths,
+        reference=reference_cache.params_fingerprint(params), reference_dtype=config.model.reference_dtype,
+        compute_dtype=run.model_config.dtype,
+    )
+
+
+def build_reference_cache(run: Run, tokenizer, params: Any) -> dict[str, str]:
+    """π_ref's log-probs of every train and eval pair (one completion-only forward each, in the run's layout),
+    written to ref.cache by process 0; returns the cache's key."""
+    config = run.config
+    key = reference_key(run, tokenizer, params)
+    ref_params = reference_params(params, config.model.reference_dtype)
+    sequence_logps = make_sequence_logps(run.graphdef, config.train.logprob_chunk_size)
+    forward = jax.jit(lambda p, batch: sequence_logps(p, batch, ("chosen", "rejected"), "reference"),
+                      out_shardings=sharding.replicated(run.mesh))
+    layout = dataclasses.replace(run.data.layout, completion_only=True)
+    values = {}
+    for split in reference_cache.SPLITS:
+        examples = getattr(run.data, split)
+        batches = data.eval_batches(examples, config.train.eval_batch_size, run.data.buckets, run.data.pad_id, layout)
+        values[split] = reference_cache.compute(
+            (lambda batch: jax.device_get(forward(ref_params, sharding.whole_batch(batch, run.mesh)))),
+            batches, len(examples))
+    if is_main_process():
+        reference_cache.write(config.ref.cache, key, values)
+    sharding.sync_processes("reference cache written")
+    return key
+
+
+def use_reference_cache(run: Run, tokenizer, params: Any) -> Run:
+    """`run` with its train and eval examples carrying π_ref's cached log-probs: ref.cache read (built first if
+    absent), refused with StaleReferenceCache if its key is not this run's."""
+    directory = run.config.ref.cache
+    if reference_cache.exists(directory):
+        with user_errors("config.ref.cache"):
+            reference_cache.check_key(directory, reference_key(run, tokenizer, params))
+        logging.info("π_ref's log-probs from %s", directory)
+    else:
+        logging.info("ref.cache %s is absent: computing π_ref's log-probs over the train and eval pairs", directory)
+        build_reference_cache(run, tokenizer, params)
+    attached = {split: reference_cache.attach(directory, split, getattr(run.data, split))
+                for split in reference_cache.SPLITS}
+    return dataclasses.replace(run, data=dataclasses.replace(run.data, **attached))
 
 
 def before_after_table(summary: dict) -> str:

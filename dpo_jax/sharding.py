@@ -207,6 +207,12 @@ def tree_shardings(tree: Any, family: str, mesh: Mesh) -> Any:
     return shardings
 
 
+def abstract_params(abstract: Any, family: str, mesh: Mesh) -> Any:
+    """Shapes and dtypes of a params pytree with the partition rules' shardings: a restore or load target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                        tree_shardings(abstract, family, mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows of a batch over data × fsdp; the other dimensions whole."""
     return NamedSharding(mesh, P(BATCH_AXES))
@@ -234,6 +240,14 @@ def whole_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     sharding = batch_sharding(mesh)
     return {key: jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
             for key, value in batch.items()}
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process gets here (e.g. until process 0 has written a file the others read)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")

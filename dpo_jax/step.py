@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from dpo_jax import losses
-from dpo_jax.logprobs import sequence_logprobs
+from dpo_jax.logprobs import gathered_logprobs, sequence_logprobs, slot_sums
 from dpo_jax.models import apply_model
 
 Batch = dict[str, jax.Array]
@@ -46,29 +46,59 @@ class TrainState(flax.struct.PyTreeNode):
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def make_sequence_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[list, list]]:
+    """`sequence_logps(params, batch, keys, scope="policy") -> ([Σ log-probs [B] per key], [lengths [B] per key])`
+    for keys ("chosen", "rejected"), ("completion",) or ("kl",), from one forward of their rows in any layout of
+    data/pipeline.py (a row per completion or shared-prompt rows; scored at every position or completion-only)."""
+
+    def sequence_logps(params, batch, keys, scope="policy"):
+        shared = tuple(keys) == ("chosen", "rejected") and "pair_tokens" in batch
+        rows = ("pair",) if shared else keys
+
+        def stacked(name):
+            return jnp.concatenate([batch[f"{row}_{name}"] for row in rows]) if f"{rows[0]}_{name}" in batch else None
+
+        tokens = stacked("tokens")
+        with jax.named_scope(scope):
+            hidden, logits_fn = apply_model(graphdef, params, tokens, stacked("positions"), None, stacked("branch_ids"))
+            if f"{rows[0]}_targets" in batch:  # completion-only: the LM head at the scored positions alone
+                logps = gathered_logprobs(hidden, logits_fn, stacked("sources"), stacked("targets"), chunk_size)
+                sums, counts = slot_sums(logps, stacked("slots"), num_slots=2 if shared else 1)
+            else:
+                sums, counts = (x[:, None] for x in sequence_logprobs(
+                    hidden, logits_fn, tokens, stacked("loss_mask"), chunk_size))
+        if shared:
+            return [sums[:, 0], sums[:, 1]], [counts[:, 0], counts[:, 1]]
+        return jnp.split(sums[:, 0], len(keys)), jnp.split(counts[:, 0], len(keys))
+
+    return sequence_logps
+
+
 def make_loss_fn(
     graphdef: Any, loss_name: str, loss_params: losses.LossParams, chunk_size: int
 ) -> Callable[[Any, Any, Batch], tuple[jax.Array, Metrics]]:
-    """`loss_fn(params, ref_params, batch) -> (loss, metrics)` for a paired batch (chosen and rejected share one
-    forward) or an unpaired one (completions; for KTO also the mismatched kl rows, forwarded without gradient)."""
+    """`loss_fn(params, ref_params, batch) -> (loss, metrics)` for a paired batch (chosen and rejected in one
+    forward) or an unpaired one (completions; for KTO also the mismatched kl rows, forwarded without gradient).
+
+    π_ref's log-probs come from the batch when it carries them (`reference_chosen` / `reference_rejected`, from a
+    reference cache: no reference forward, `ref_params` may be None), else from a forward of `ref_params`.
+    """
     use_reference = losses.uses_reference(loss_name, loss_params)
     needs_kl = losses.get_loss(loss_name).data == "unpaired"
-
-    def sequence_logps(params, batch, keys, scope):
-        tokens = jnp.concatenate([batch[f"{key}_tokens"] for key in keys])
-        mask = jnp.concatenate([batch[f"{key}_loss_mask"] for key in keys])
-        with jax.named_scope(scope):
-            hidden, logits_fn = apply_model(graphdef, params, tokens)
-            logps, lengths = sequence_logprobs(hidden, logits_fn, tokens, mask, chunk_size)
-        return jnp.split(logps, len(keys)), jnp.split(lengths, len(keys))
+    sequence_logps = make_sequence_logps(graphdef, chunk_size)
 
     def reference_logps(ref_params, batch, keys, like):
         if not use_reference:
             return [jnp.zeros_like(like)] * len(keys)
+        if all(f"reference_{key}" in batch for key in keys):  # cached: no reference forward
+            return [batch[f"reference_{key}"] for key in keys]
+        if ref_params is None:
+            raise ValueError(f"loss {loss_name!r} needs π_ref: pass ref_params, or a batch with cached reference "
+                             f"log-probs ({', '.join(f'reference_{key}' for key in keys)})")
         return sequence_logps(jax.lax.stop_gradient(ref_params), batch, keys, "reference")[0]
 
     def loss_fn(params, ref_params, batch):
-        if "chosen_tokens" in batch:
+        if "chosen_tokens" in batch or "pair_tokens" in batch:
             (policy_chosen, policy_rejected), (chosen_lengths, rejected_lengths) = sequence_logps(
                 params, batch, ("chosen", "rejected"), "policy"
             )

@@ -29,7 +29,12 @@ def test_shipped_configs_are_valid():
         ("dpo.learning_rate", float("inf"), r"config\.dpo\.learning_rate = inf is invalid: expected a finite number > 0"),
         ("loss.alpha", float("nan"), r"config\.loss\.alpha = nan is invalid: expected a finite number$"),
         ("dpo.reference_workdir", "/tmp/sft", r"config\.dpo\.reference_workdir = '/tmp/sft' is invalid: expected '' "
-                                              r"unless config\.mode = 'dpo' \(it is 'sft_then_dpo'"),
+                                              r"unless config\.mode = 'dpo' or 'precompute_ref' \(it is 'sft_then_dpo'"),
+        ("train.pack", "rows", r"config\.train\.pack = 'rows' is invalid: expected one of none, shared_prompt"),
+        ("train.logprobs", "all_positions", r"config\.train\.logprobs = 'all_positions' is invalid: expected "
+                                            r"'completion_only' with train\.pack = 'shared_prompt'"),
+        ("data.length_buckets", (100,), r"config\.data\.length_buckets = \(100,\) is invalid: expected a tuple of row "
+                                       r"lengths in \[1, 48\]"),
         ("train.max_nonfinite_steps", 0, r"config\.train\.max_nonfinite_steps = 0 is invalid: expected an integer >= 1"),
         ("loss.label_smoothing", 0.5, r"config\.loss\.label_smoothing.*\[0, 0\.5\)"),
         ("optimizer.name", "sgd", r"config\.optimizer\.name = 'sgd'.*rmsprop, adamw"),

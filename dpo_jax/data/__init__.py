@@ -9,7 +9,8 @@ report) and feeds the step through Grain.
 from __future__ import annotations
 
 from dpo_jax.data.pipeline import (
-    PAIRED_KEYS, UNPAIRED_KEYS, Examples, TrainBatches, collate, eval_batches, length_buckets, scan, split_pairs,
+    PACKS, PAIRED_KEYS, REFERENCE_KEYS, UNPAIRED_KEYS, Examples, Layout, TrainBatches, collate, eval_batches,
+    length_buckets, scan, split_pairs,
 )
 from dpo_jax.data.records import PAIRED_FIELDS, REASONS, UNPAIRED_FIELDS, BadRecord
 from dpo_jax.data.sources import SOURCES, TFDS_SOURCES, ground_truth_reward_fn, load_split
@@ -24,8 +25,8 @@ def source_names() -> list[str]:
 
 
 __all__ = [
-    "PAIRED_FIELDS", "PAIRED_KEYS", "REASONS", "SOURCES", "TFDS_SOURCES", "TRUNCATION_MODES", "UNPAIRED_FIELDS",
-    "UNPAIRED_KEYS", "WORDS", "BadRecord", "Examples", "HFTokenizer", "TrainBatches", "WordTokenizer",
+    "PACKS", "PAIRED_FIELDS", "PAIRED_KEYS", "REASONS", "REFERENCE_KEYS", "SOURCES", "TFDS_SOURCES", "TRUNCATION_MODES", "UNPAIRED_FIELDS",
+    "UNPAIRED_KEYS", "WORDS", "BadRecord", "Examples", "HFTokenizer", "Layout", "TrainBatches", "WordTokenizer",
     "check_tokenizer_name", "check_truncation_args", "collate", "encode_prompts", "encode_record", "eval_batches",
     "get_tokenizer", "ground_truth_reward", "ground_truth_reward_fn", "length_buckets", "load_split",
     "make_preference_pairs", "make_prompts", "scan", "source_names", "split_pairs", "tokenizer_names", "truncate",

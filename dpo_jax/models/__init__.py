@@ -1,9 +1,10 @@
 """Model families by name, the pure (graphdef, params) helpers the trainer and sampler use, and HF import/export.
 
 Every family is a frozen config dataclass and an `nnx.Module` holding only `nnx.Param` state, with one interface:
-`__call__(tokens_BxT, positions_BxT=None, segment_ids_BxT=None) -> hidden_BxTxD` and
+`__call__(tokens_BxT, positions_BxT=None, segment_ids_BxT=None, branch_ids_BxT=None) -> hidden_BxTxD` and
 `logits(hidden_BxTxD) -> logits_BxTxV` (float32). Positions and segment ids let several sequences share a row:
-a token attends only to earlier tokens of its own segment. Families: gpt2, gptj, gpt_neox (Pythia), llama,
+a token attends only to earlier tokens of its own segment; branch ids let sequences share a prefix (branch 0 is
+seen by every branch of its segment, another branch only by itself: `layers.attention_mask`). Families: gpt2, gptj, gpt_neox (Pythia), llama,
 qwen2, mistral — one small file each on `layers.py`; `hf.py` reads and writes Hugging Face checkpoints.
 """
 
@@ -108,13 +109,14 @@ def apply_model(
     tokens_BxT: jax.Array,
     positions_BxT: jax.Array | None = None,
     segment_ids_BxT: jax.Array | None = None,
+    branch_ids_BxT: jax.Array | None = None,
 ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
     """Run the model purely: (hidden_BxTxD, logits_fn), where logits_fn(hidden chunk) gives float32 logits.
 
     Returning `logits_fn` instead of logits lets callers compute [B, T, V] logits chunk by chunk.
     """
     model = nnx.merge(graphdef, params)
-    return model(tokens_BxT, positions_BxT, segment_ids_BxT), model.logits
+    return model(tokens_BxT, positions_BxT, segment_ids_BxT, branch_ids_BxT), model.logits
 
 
 from dpo_jax.models.hf import is_local_path, load_hf, read_hf_config, save_hf  # noqa: E402  (hf.py uses the above)

@@ -105,11 +105,15 @@ class GPT2(nnx.Module):
             self.lm_head = layers.linear(D, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(
-        self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+        branch_ids_BxT: jax.Array | None = None,
     ) -> jax.Array:
         """Hidden states [B, T, D] after ln_f, in the compute dtype (positions default to 0..T−1)."""
         positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
-        mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT)
+        mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)
         x_BxTxD = self.wte(tokens_BxT) + self.wpe(positions_BxT)
         for block in self.h:
             x_BxTxD = layers.call_block(block, self.config.remat, x_BxTxD, mask_Bx1xTxT)

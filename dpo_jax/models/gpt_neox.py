@@ -125,11 +125,15 @@ class GPTNeoX(nnx.Module):
             self.embed_out = layers.linear(D, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(
-        self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+        branch_ids_BxT: jax.Array | None = None,
     ) -> jax.Array:
         """Hidden states [B, T, D] after the final LayerNorm, in the compute dtype (positions default to 0..T−1)."""
         positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
-        mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT)
+        mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)
         x_BxTxD = self.embed_in(tokens_BxT)
         for layer in self.layers:
             x_BxTxD = layers.call_block(layer, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxT)

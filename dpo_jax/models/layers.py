@@ -141,15 +141,23 @@ def positions_and_segments(
 
 
 def attention_mask(
-    positions_BxT: jax.Array, segment_ids_BxT: jax.Array, sliding_window: int | None = None
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array,
+    sliding_window: int | None = None,
+    branch_ids_BxT: jax.Array | None = None,
 ) -> jax.Array:
     """bool [B, 1, T, T]: query t sees key s iff s ≤ t, both are in the same segment, and (with a sliding window
     W) pos[t] − pos[s] < W, i.e. the W latest positions including its own, as Hugging Face's Mistral.
 
-    Several sequences can share a row: give each a segment id and positions that restart at 0.
+    Several sequences can share a row: give each a segment id and positions that restart at 0. Branches let
+    several sequences share a prefix: within a segment, a key of branch 0 (the trunk) is seen by every branch,
+    any other only by its own, so `[prompt | chosen | rejected]` with branches 0, 1, 2 scores both completions
+    after one prompt (the rejected positions continuing from the prompt's end).
     """
     T = positions_BxT.shape[1]
     mask_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+    if branch_ids_BxT is not None:
+        mask_BxTxT &= (branch_ids_BxT[:, None, :] == 0) | (branch_ids_BxT[:, :, None] == branch_ids_BxT[:, None, :])
     if sliding_window is not None:
         mask_BxTxT &= (positions_BxT[:, :, None] - positions_BxT[:, None, :]) < sliding_window
     return mask_BxTxT[:, None]

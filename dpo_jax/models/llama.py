@@ -138,12 +138,16 @@ class Llama(nnx.Module):
             self.lm_head = layers.linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(
-        self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+        branch_ids_BxT: jax.Array | None = None,
     ) -> jax.Array:
         """Hidden states [B, T, D] after the final norm, in the compute dtype (positions default to 0..T−1)."""
         positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
         masks = {
-            window: layers.attention_mask(positions_BxT, segment_ids_BxT, window)
+            window: layers.attention_mask(positions_BxT, segment_ids_BxT, window, branch_ids_BxT)
             for window in {self.config.layer_window(i) for i in range(self.config.num_layers)}
         }
         x_BxTxD = self.embed_tokens(tokens_BxT)
