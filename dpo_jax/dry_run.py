@@ -68,6 +68,22 @@ def activation_bytes(model_config: Any, config: ml_collections.ConfigDict, mesh:
     return int(kept + logits)
 
 
+def longest_batch(config: ml_collections.ConfigDict, stage: str) -> dict[str, np.ndarray]:
+    """A batch of the config's layout whose every row is as long as the data settings allow: prompts of
+    max_prompt_length, completions of the rest (the pipeline's own collate builds it; cached π_ref log-probs
+    with ref.cache)."""
+    from dpo_jax import run
+
+    P, C = config.data.max_prompt_length, config.data.max_length - config.data.max_prompt_length
+    example = {"prompt": np.ones(P, np.int32), "chosen": np.ones(C, np.int32), "rejected": np.full(C, 2, np.int32)}
+    if not losses.takes(run.stage_loss(config, stage), True):
+        example = {"prompt": example["prompt"], "completion": example["chosen"], "label": True}
+    elif config.ref.cache:  # π_ref's log-probs come with the batch
+        example.update(reference_chosen=0.0, reference_rejected=0.0)
+    buckets = data.length_buckets(config.data.max_length, tuple(config.data.length_buckets), config.train.pack)
+    return data.collate([example] * config.train.batch_size, buckets, 0, layout=run.layout_of(config))
+
+
 def compiled_temporaries(config, stage, graphdef, family, mesh_shape, params, ref_params) -> int | None:
     """Temporary bytes per device of the compiled train step from XLA's memory analysis, when this machine has the
     mesh's devices (compiled from shapes alone; nothing is allocated); None otherwise."""
@@ -77,10 +93,7 @@ def compiled_temporaries(config, stage, graphdef, family, mesh_shape, params, re
 
     mesh = jax.make_mesh(mesh_shape, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     create_state, _, train_step, _ = run.stage_steps(config, stage, graphdef, family, mesh, params, ref_params)
-    B, T = config.train.batch_size, config.data.max_length
-    keys = data.PAIRED_KEYS if losses.takes(run.stage_loss(config, stage), True) else data.UNPAIRED_KEYS
-    batch = {key: jax.ShapeDtypeStruct((B,) if key == "label" else (B, T),
-                                       jnp.int32 if key.endswith("_tokens") else jnp.float32) for key in keys}
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), longest_batch(config, stage))
     state = jax.eval_shape(create_state, params)
     analysis = train_step.lower(state, ref_params, batch).compile().memory_analysis()
     return None if analysis is None else int(analysis.temp_size_in_bytes)
@@ -102,14 +115,15 @@ def report(config: ml_collections.ConfigDict) -> str:
     tx, _ = make_optimizer(config.optimizer, config[stage])
     state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
     loss_name = run.stage_loss(config, stage)
-    uses_reference = losses.uses_reference(loss_name, run.loss_params(config))
+    # With ref.cache the DPO stage holds no π_ref: its log-probs ride in the batches.
+    uses_reference = losses.uses_reference(loss_name, run.loss_params(config)) and not config.ref.cache
     ref_dtype = jnp.dtype(config.model.reference_dtype)
     ref_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype), params) if uses_reference else None
     rows = {
         "params (float32)": bytes_per_device(params, family, mesh),
         "optimizer state": bytes_per_device(state.opt_state, family, mesh),
         "gradients (float32)": bytes_per_device(params, family, mesh),
-        f"reference params ({ref_dtype.name})": bytes_per_device(ref_params, family, mesh) if uses_reference else 0,
+        f"reference params ({'ref.cache: none' if config.ref.cache else ref_dtype.name})": bytes_per_device(ref_params, family, mesh) if uses_reference else 0,
         f"activations (estimate, remat={model_config.remat})": activation_bytes(model_config, config, mesh),
     }
     total = sum(rows.values())

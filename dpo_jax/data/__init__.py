@@ -9,7 +9,7 @@ report) and feeds the step through Grain.
 from __future__ import annotations
 
 from dpo_jax.data.pipeline import (
-    PACKS, PAIRED_KEYS, REFERENCE_KEYS, UNPAIRED_KEYS, Examples, Layout, TrainBatches, collate, eval_batches,
+    PACKS, UNPAIRED_KEYS, Examples, Layout, TrainBatches, collate, eval_batches,
     length_buckets, scan, split_pairs,
 )
 from dpo_jax.data.records import PAIRED_FIELDS, REASONS, UNPAIRED_FIELDS, BadRecord
@@ -25,7 +25,7 @@ def source_names() -> list[str]:
 
 
 __all__ = [
-    "PACKS", "PAIRED_FIELDS", "PAIRED_KEYS", "REASONS", "REFERENCE_KEYS", "SOURCES", "TFDS_SOURCES", "TRUNCATION_MODES", "UNPAIRED_FIELDS",
+    "PACKS", "PAIRED_FIELDS", "REASONS", "SOURCES", "TFDS_SOURCES", "TRUNCATION_MODES", "UNPAIRED_FIELDS",
     "UNPAIRED_KEYS", "WORDS", "BadRecord", "Examples", "HFTokenizer", "Layout", "TrainBatches", "WordTokenizer",
     "check_tokenizer_name", "check_truncation_args", "collate", "encode_prompts", "encode_record", "eval_batches",
     "get_tokenizer", "ground_truth_reward", "ground_truth_reward_fn", "length_buckets", "load_split",

@@ -30,11 +30,9 @@ from absl import logging
 from dpo_jax.data.records import BadRecord, is_paired
 from dpo_jax.data.tokenize import check_truncation_args, encode_record
 
-PAIRED_KEYS: tuple[str, ...] = ("chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask")
 UNPAIRED_KEYS: tuple[str, ...] = ("completion_tokens", "completion_loss_mask", "label", "kl_tokens", "kl_loss_mask")
 MAX_ORIGINS_PER_REASON = 10  # how many examples of each skip reason data_report.json names
 PACKS: tuple[str, ...] = ("none", "shared_prompt")
-REFERENCE_KEYS = {"chosen": "reference_chosen", "rejected": "reference_rejected"}  # cached π_ref log-probs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +265,7 @@ def collate(
                 batch.update({f"{key}_{name}": array for name, array in _scored_block(tokens, mask, block).items()})
         if "completion" in pieces:
             batch["label"] = np.asarray([e["label"] for e in examples], np.float32)
-    for key, name in REFERENCE_KEYS.items():
+    for name in ("reference_chosen", "reference_rejected"):  # cached π_ref log-probs (reference_cache.attach)
         if name in examples[0]:
             batch[name] = np.asarray([e[name] for e in examples], np.float32)
     return batch
