@@ -1,12 +1,36 @@
-"""Shared fixtures."""
+"""Shared fixtures, and one persistent compilation cache for the whole session."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 from configs import demo
 
 HF_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
+_COMPILATION_CACHE = []  # the session's cache directory, removed when the session ends
+
+
+def pytest_configure(config):
+    """Compile each program once per session: a fresh persistent compilation cache that this process and every
+    subprocess it starts (which inherit the environment) read and write. Many tests train the same tiny models, and
+    compiling dominates their time; a cached executable computes the same results, so no assertion changes. The
+    size limit only turns on JAX's file lock, for processes that share the cache at the same time."""
+    import jax
+
+    directory = tempfile.mkdtemp(prefix="dpo_jax_tests_jax_cache_")
+    _COMPILATION_CACHE.append(directory)
+    settings = {"JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**33)}
+    os.environ.update(settings)
+    for name, value in settings.items():  # JAX may already be imported: its config read the environment then
+        jax.config.update(name.lower(), int(value) if name != "JAX_COMPILATION_CACHE_DIR" else value)
+
+
+def pytest_unconfigure(config):
+    for directory in _COMPILATION_CACHE:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def make_short_config():

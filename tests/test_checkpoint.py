@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import interrupt_stage_at
+from conftest import interrupt_stage_at, make_short_config
 from dpo_jax import checkpoint, run
 from dpo_jax.errors import UserError
 
@@ -28,11 +28,19 @@ def stage_records(workdir, stage):
     return [{k: v for k, v in r.items() if k != "examples_per_second"} for r in records if r["stage"] == stage]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted SFT-then-DPO run of the short config, shared read-only: the run both resumed runs must
+    equal, the checkpoints the retention test counts, and the SFT workdir the DPO-only run takes π_ref from."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    run.train_and_evaluate(make_short_config(), workdir)
+    return workdir
+
+
 @pytest.mark.parametrize("interrupt_stage", ["sft", "dpo"])
-def test_resume_after_interruption_is_bitwise(tmp_path, monkeypatch, interrupt_stage, short_config):
+def test_resume_after_interruption_is_bitwise(tmp_path, monkeypatch, interrupt_stage, short_config, uninterrupted):
     config = short_config
-    uninterrupted, resumed = str(tmp_path / "uninterrupted"), str(tmp_path / "resumed")
-    run.train_and_evaluate(config, uninterrupted)
+    resumed = str(tmp_path / "resumed")
 
     with monkeypatch.context() as patch:  # killed after the step-2 checkpoint, before step 4's
         interrupt_stage_at(patch, config.seed + run.STAGE_DATA_STREAMS[interrupt_stage], 3, Interrupted())
@@ -52,22 +60,18 @@ def test_resume_after_interruption_is_bitwise(tmp_path, monkeypatch, interrupt_s
         assert stage_records(uninterrupted, stage) == stage_records(resumed, stage)
 
 
-def test_keeps_only_the_last_checkpoints(tmp_path, short_config):
-    config = short_config
-    config.mode = "sft"
-    run.train_and_evaluate(config, str(tmp_path))
-    steps = sorted(int(n) for n in os.listdir(checkpoint.stage_directory(str(tmp_path), "sft")) if n.isdigit())
-    assert steps == [4, 5]
-    with open(os.path.join(checkpoint.stage_directory(str(tmp_path), "sft"), "5", "meta", "metadata")) as f:
-        meta = json.load(f)
-    assert meta["data_position"] == 5 * 16 and meta["config"]["train"]["batch_size"] == 16
+def test_keeps_only_the_last_checkpoints(uninterrupted):
+    for stage in ("sft", "dpo"):  # 5 steps, a checkpoint every 2, keep_checkpoints = 2
+        directory = checkpoint.stage_directory(uninterrupted, stage)
+        assert sorted(int(n) for n in os.listdir(directory) if n.isdigit()) == [4, 5]
+        with open(os.path.join(directory, "5", "meta", "metadata")) as f:
+            meta = json.load(f)
+        assert meta["data_position"] == 5 * 16 and meta["config"]["train"]["batch_size"] == 16
 
 
-def test_dpo_mode_takes_reference_from_an_sft_workdir(tmp_path, short_config):
+def test_dpo_mode_takes_reference_from_an_sft_workdir(tmp_path, short_config, uninterrupted):
     config = short_config
-    config.mode = "sft"
-    run.train_and_evaluate(config, str(tmp_path / "sft"))
-    config.mode, config.dpo.reference_workdir = "dpo", str(tmp_path / "sft")
+    config.mode, config.dpo.reference_workdir = "dpo", uninterrupted  # its SFT stage's final checkpoint
     summary = run.train_and_evaluate(config, str(tmp_path / "dpo"))
     # π_ref's samples have KL 0 to themselves; a missing SFT workdir is an error naming the path.
     assert summary["samples"]["reference"]["kl"] == pytest.approx(0.0, abs=1e-5)

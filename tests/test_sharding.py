@@ -130,25 +130,38 @@ def final_params(workdir, stage="sft"):
 
 
 SFT = ["mode='sft'", "sft.num_steps=30", "train.checkpoint_every=15", "train.eval_every=15"]
-STEPS = 30
+STEPS, HALF = 30, 15  # the runs' SFT steps, and the step of their first checkpoint
 
 
 @pytest.fixture(scope="module")
 def fsdp8_run(tmp_path_factory):
-    """30 SFT steps on one process with mesh fsdp = 8: the run the others must equal."""
+    """30 SFT steps on one process with mesh fsdp = 8, checkpoints at 15 and 30: the run the others must equal."""
     workdir = str(tmp_path_factory.mktemp("fsdp8") / "run")
     mesh_checks("train", workdir, *SFT, "mesh.fsdp=8", env=EIGHT_DEVICES)
     return workdir
 
 
-def test_a_checkpoint_saved_on_one_mesh_resumes_on_another_or_one_device(fsdp8_run, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp8_halfway(fsdp8_run, tmp_path_factory):
+    """fsdp8_run as it stood after its step-15 checkpoint (a copy without the step-30 one), read-only: where the
+    cross-mesh resumes start from, and what a 15-step run on other meshes must end at (the schedule is constant,
+    so step 15 of a 30-step run is the end of a 15-step one)."""
+    workdir = str(tmp_path_factory.mktemp("fsdp8_halfway") / "run")
+    shutil.copytree(fsdp8_run, workdir)
+    shutil.rmtree(os.path.join(workdir, "sft", "checkpoints", str(STEPS)))
+    assert os.listdir(os.path.join(workdir, "sft", "checkpoints")) == [str(HALF)]
+    return workdir
+
+
+def test_a_checkpoint_saved_on_one_mesh_resumes_on_another_or_one_device(fsdp8_run, fsdp8_halfway, tmp_path):
     moved, alone = str(tmp_path / "moved"), str(tmp_path / "alone")
-    mesh_checks("train", moved, *SFT, "sft.num_steps=15", "mesh.fsdp=8", env=EIGHT_DEVICES)
-    shutil.copytree(moved, alone)
+    for workdir in (moved, alone):
+        shutil.copytree(fsdp8_halfway, workdir)  # saved on mesh fsdp = 8, resumed from step 15
     resumed = [launch(["train", moved, *SFT, "mesh.fsdp=4", "mesh.tensor=2"], EIGHT_DEVICES),
                launch(["train", alone, *SFT, "mesh.fsdp=-1"])]  # 1 device
     for process, change in zip(resumed, ("mesh.fsdp: 8 -> 4; mesh.tensor: 1 -> 2", "mesh.fsdp: 8 -> -1")):
-        assert f"sft: resuming a run whose config differed: {change}; sft.num_steps: 15 -> 30" in finish(process)
+        output = finish(process)
+        assert f"sft: resuming a run whose config differed: {change}\n" in output, output[-3000:]
     expected = final_params(fsdp8_run)
     for workdir in (moved, alone):
         got = final_params(workdir)
@@ -163,10 +176,10 @@ def free_port() -> int:
 
 
 def launch_two_processes(workdir):
-    """Processes 0 and 1 of a jax.distributed run on localhost, 4 CPU devices each, one workdir."""
+    """Processes 0 and 1 of a jax.distributed run on localhost, 4 CPU devices each, one workdir: 15 SFT steps."""
     port = free_port()
     return [
-        launch(["train", workdir, *SFT, "mesh.fsdp=-1"], {
+        launch(["train", workdir, *SFT, f"sft.num_steps={HALF}", "mesh.fsdp=-1"], {
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
             "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(index)})
         for index in range(2)
@@ -178,17 +191,17 @@ def logged_steps(workdir):
         return [json.loads(line)["step"] for line in f]
 
 
-def assert_equals_one_process(workdir, fsdp8_run):
-    expected, got = final_params(fsdp8_run), final_params(workdir)
+def assert_equals_one_process(workdir, fsdp8_halfway):
+    expected, got = final_params(fsdp8_halfway), final_params(workdir)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5, rtol=0, err_msg=key)
     # one metrics file (process 0's), each step once: what the preempted launch logged past its save is rewritten
-    assert logged_steps(workdir) == list(range(1, STEPS + 1))
+    assert logged_steps(workdir) == list(range(1, HALF + 1))
 
 
-def test_two_processes_equal_one_and_survive_a_sigterm_to_one_of_them(fsdp8_run, tmp_path):
+def test_two_processes_equal_one_and_survive_a_sigterm_to_one_of_them(fsdp8_halfway, tmp_path):
     """2 processes × 4 devices (jax.distributed on localhost), one sent SIGTERM: both save the same step and exit
-    143; relaunched, they end where one process with 8 devices does, with one metrics file."""
+    143; relaunched, they end where one process with 8 devices does (fsdp8_run at step 15), with one metrics file."""
     workdir = str(tmp_path / "two")
     processes = launch_two_processes(workdir)
     while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(logged_steps(workdir)) >= 3):
@@ -200,12 +213,12 @@ def test_two_processes_equal_one_and_survive_a_sigterm_to_one_of_them(fsdp8_run,
     stops = [re.search(r"stopped: SIGTERM at sft step (\d+) \(resumes from sft step (\d+)\)", o) for o in outputs]
     assert all(stops), outputs
     step = int(stops[0].group(1))
-    assert 3 <= step < STEPS and all(m.groups() == (str(step), str(step)) for m in stops)  # both saved that step
+    assert 3 <= step < HALF and all(m.groups() == (str(step), str(step)) for m in stops)  # both saved that step
     assert str(step) in os.listdir(os.path.join(workdir, "sft", "checkpoints"))
     for process in launch_two_processes(workdir):
         finish(process)
-    assert_equals_one_process(workdir, fsdp8_run)
-    assert sorted(os.listdir(os.path.join(workdir, "sft", "checkpoints")))[-1] == str(STEPS)
+    assert_equals_one_process(workdir, fsdp8_halfway)
+    assert max(int(name) for name in os.listdir(os.path.join(workdir, "sft", "checkpoints"))) == HALF
 
 
 GPTJ_6B = {  # EleutherAI/gpt-j-6b's config.json: the dry run needs the architecture, not the weights
