@@ -2,8 +2,7 @@
 a full disk and user errors — each followed by what the user would do next. docs/reliability.md maps each fault
 to the test here that proves what the code does.
 
-CLI runs go through tests/fault_launcher.py in subprocesses; the session's persistent compilation cache (conftest.py)
-keeps relaunches short.
+CLI runs go through tests/fault_launcher.py in subprocesses; a persistent compilation cache keeps relaunches short.
 """
 
 import json
@@ -33,12 +32,16 @@ CONFIG_FILE = "from conftest import make_fault_config\n\ndef get_config(arg=None
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
-    """launch(workdir, *flags, faults=()) -> Popen of the CLI on make_fault_config, on the session's compilation
-    cache (conftest.py): what the in-process runs compiled, the launches load."""
+    """launch(workdir, *flags, faults=()) -> Popen of the CLI on make_fault_config, sharing one compilation cache of
+    its own (not the session's: these processes are killed mid-write and run under a file-size limit)."""
     directory = tmp_path_factory.mktemp("cli")
     config_file = directory / "fault_config.py"
     config_file.write_text(CONFIG_FILE)
-    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "tests")}
+    env = {
+        **os.environ, "PYTHONPATH": os.path.join(REPO, "tests"), "JAX_COMPILATION_CACHE_DIR": str(directory / "jax"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "JAX_COMPILATION_CACHE_MAX_SIZE": "-1",
+    }
 
     def launch(workdir, *flags, faults=()):
         command = [sys.executable, os.path.join(REPO, "tests", "fault_launcher.py"), *faults, "--",
