@@ -93,11 +93,12 @@ def _quiet_unraisable() -> Iterator[None]:
 
 def _brief(error: Exception) -> str:
     """`Type: message` on one line; a long message (TensorStore's embed paths and specs) keeps its start and the
-    OS error inside it ("File too large [os_error_code='27']"), or else its end."""
+    OS error inside it, named from its code ("File too large [os_error_code=27]"), or else its end."""
     message = " ".join(str(error).split())
     if len(message) > 300:
-        os_error = re.search(r"[^:\]\"']+ \[os_error_code='?\d+'?\]", message)
-        message = f"{message[:120]} ... {os_error.group(0).strip() if os_error else message[-180:]}"
+        os_error = re.search(r"os_error_code='?(\d+)", message)
+        tail = f"{os.strerror(int(os_error.group(1)))} [os_error_code={os_error.group(1)}]" if os_error else message[-180:]
+        message = f"{message[:120]} ... {tail}"
     return f"{type(error).__name__}: {message}"
 
 
