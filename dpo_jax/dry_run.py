@@ -80,8 +80,7 @@ def longest_batch(config: ml_collections.ConfigDict, stage: str) -> dict[str, np
         example = {"prompt": example["prompt"], "completion": example["chosen"], "label": True}
     elif config.ref.cache:  # π_ref's log-probs come with the batch
         example.update(reference_chosen=0.0, reference_rejected=0.0)
-    buckets = data.length_buckets(config.data.max_length, tuple(config.data.length_buckets), config.train.pack)
-    return data.collate([example] * config.train.batch_size, buckets, 0, layout=run.layout_of(config))
+    return data.collate([example] * config.train.batch_size, run.buckets_of(config), 0, layout=run.layout_of(config))
 
 
 def compiled_temporaries(config, stage, graphdef, family, mesh_shape, params, ref_params) -> int | None:

@@ -368,11 +368,16 @@ def build_data(config: ml_collections.ConfigDict, tokenizer) -> Data:
     return Data(
         train=splits["train"], eval=splits["eval"], prompt_tokens=prompt_tokens,
         prompt_lengths=np.asarray([len(p) for p in prompts], np.int32),
-        buckets=data.length_buckets(config.data.max_length, tuple(config.data.length_buckets), config.train.pack),
+        buckets=buckets_of(config),
         pad_id=tokenizer.pad_token_id,
         layout=layout_of(config),
         fingerprint=reference_cache.records_fingerprint(records) if config.ref.cache else "",
     )
+
+
+def buckets_of(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The padded row lengths of the config's batches (data.length_buckets for its max_length, buckets and pack)."""
+    return data.length_buckets(config.data.max_length, tuple(config.data.length_buckets), config.train.pack)
 
 
 def layout_of(config: ml_collections.ConfigDict) -> data.Layout:
