@@ -100,6 +100,32 @@ def test_params_fingerprint_sees_one_changed_bit_and_not_the_copy():
     assert reference_cache.params_fingerprint(swapped) != fingerprint
 
 
+def test_sft_then_dpo_builds_the_absent_cache_and_samples_against_the_reloaded_reference(tmp_path):
+    """After SFT the absent cache is computed from the SFT params; π_ref, dropped for training, is read back from the
+    SFT checkpoint for the samples: the samples and their KL equal the uncached run's."""
+    summaries = {}
+    for name, cache in (("cached", str(tmp_path / "cache")), ("uncached", "")):
+        config = make_short_config()
+        config.ref.cache = cache
+        summaries[name] = run.train_and_evaluate(config, str(tmp_path / name))
+    assert reference_cache.exists(str(tmp_path / "cache"))
+    cached, uncached = summaries["cached"], summaries["uncached"]
+    for name in ("loss", "rewards/margins"):
+        assert cached["dpo"][name] == pytest.approx(uncached["dpo"][name], abs=1e-5)
+    for who in ("reference", "policy"):
+        assert cached["samples"][who]["examples"] == uncached["samples"][who]["examples"]
+        assert cached["samples"][who]["kl"] == pytest.approx(uncached["samples"][who]["kl"], abs=1e-5)
+
+
+def test_the_dry_run_with_a_cache_holds_no_reference(tmp_path):
+    config = dpo_config(str(tmp_path / "cache"))
+    config.dry_run = True
+    text = run.train_and_evaluate(config, str(tmp_path / "dry"))["dry_run"]
+    reference_line = next(line for line in text.splitlines() if "reference params" in line)
+    assert "ref.cache: none" in reference_line and reference_line.split()[-2] == "0.00"
+    assert "compiled step temporaries" in text  # the step compiles with the cached log-probs in its batch
+
+
 def test_config_rules_for_the_cache():
     config = dpo_config()
     config.mode = "precompute_ref"
