@@ -218,6 +218,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def kv_cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """A decoding KV cache [batch, slots, kv heads, head dim]: rows as the batch, kv heads over tensor (as the
+    column-parallel k/v projections that fill it), fitted to `shape`."""
+    return NamedSharding(mesh, fit_spec(P(BATCH_AXES, None, "tensor"), shape, mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A whole copy on every device (metrics, step counts)."""
     return NamedSharding(mesh, REPLICATED)

@@ -4,8 +4,10 @@ Every family is a frozen config dataclass and an `nnx.Module` holding only `nnx.
 `__call__(tokens_BxT, positions_BxT=None, segment_ids_BxT=None, branch_ids_BxT=None) -> hidden_BxTxD` and
 `logits(hidden_BxTxD) -> logits_BxTxV` (float32). Positions and segment ids let several sequences share a row:
 a token attends only to earlier tokens of its own segment; branch ids let sequences share a prefix (branch 0 is
-seen by every branch of its segment, another branch only by itself: `layers.attention_mask`). Families: gpt2, gptj, gpt_neox (Pythia), llama,
-qwen2, mistral — one small file each on `layers.py`; `hf.py` reads and writes Hugging Face checkpoints.
+seen by every branch of its segment, another branch only by itself: `layers.attention_mask`). For decoding,
+`empty_cache(batch, slots)` and `__call__(tokens, positions, cache=cache) -> (hidden, cache)` keep each layer's keys
+and values (`layers.KVCache`, slot = position). Families: gpt2, gptj, gpt_neox (Pythia), llama, qwen2, mistral —
+one small file each on `layers.py`; `hf.py` reads and writes Hugging Face checkpoints.
 """
 
 from __future__ import annotations
@@ -119,10 +121,26 @@ def apply_model(
     return model(tokens_BxT, positions_BxT, segment_ids_BxT, branch_ids_BxT), model.logits
 
 
+def apply_with_cache(
+    graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: list,
+) -> tuple[jax.Array, Callable[[jax.Array], jax.Array], list]:
+    """`apply_model` for decoding: (hidden_BxTxD, logits_fn, cache) with these tokens' keys and values written into
+    `cache` (from `empty_cache`) at `positions_BxT`, each token attending to the cache's slots up to its position."""
+    model = nnx.merge(graphdef, params)
+    hidden_BxTxD, cache = model(tokens_BxT, positions_BxT, cache=cache)
+    return hidden_BxTxD, model.logits, cache
+
+
+def empty_cache(graphdef: nnx.GraphDef, params: nnx.State, batch: int, slots: int) -> list:
+    """The model's zeroed KV cache (a `layers.KVCache` per layer) for `batch` rows of `slots` positions."""
+    return nnx.merge(graphdef, params).empty_cache(batch, slots)
+
+
 from dpo_jax.models.hf import is_local_path, load_hf, read_hf_config, save_hf  # noqa: E402  (hf.py uses the above)
 
 __all__ = [
-    "COMPUTE_DTYPES", "MODEL_FAMILIES", "REMAT_MODES", "abstract_model", "apply_model", "config_from_dict", "config_from_section",
+    "COMPUTE_DTYPES", "MODEL_FAMILIES", "REMAT_MODES", "abstract_model", "apply_model", "apply_with_cache",
+    "config_from_dict", "empty_cache", "config_from_section",
     "config_to_dict", "create_model", "family_names", "family_of", "is_local_path", "load_hf", "make_config",
     "model_from_config", "param_path", "read_hf_config", "save_hf", "split_params",
 ]

@@ -62,14 +62,17 @@ class GPT2Attention(nnx.Module):
         self.c_attn = layers.linear(D, 3 * D, bias=True, dtype=dtype, rngs=rngs)
         self.c_proj = layers.linear(D, D, bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxT: jax.Array) -> jax.Array:
-        """Attend over the row under `mask`; returns [B, T, D]."""
+    def __call__(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
+    ) -> tuple[jax.Array, layers.KVCache | None]:
+        """Attend over the row (or the cache) under `mask`; returns ([B, T, D], the updated cache)."""
         B, T, D = x_BxTxD.shape
         H = self.num_heads
         q_BxTxD, k_BxTxD, v_BxTxD = jnp.split(self.c_attn(x_BxTxD), 3, axis=-1)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (a.reshape(B, T, H, D // H) for a in (q_BxTxD, k_BxTxD, v_BxTxD))
-        out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_Bx1xTxT, scale=self.scale)
-        return self.c_proj(out_BxTxHxK.reshape(B, T, D))
+        k_BxSxHxK, v_BxSxHxK, cache = layers.cache_kv(cache, k_BxTxHxK, v_BxTxHxK, positions_BxT)
+        out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS, scale=self.scale)
+        return self.c_proj(out_BxTxHxK.reshape(B, T, D)), cache
 
 
 class GPT2Block(nnx.Module):
@@ -85,10 +88,13 @@ class GPT2Block(nnx.Module):
             dtype=dtype, rngs=rngs,
         )
 
-    def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxT: jax.Array) -> jax.Array:
-        """One pre-norm residual block; returns [B, T, D]."""
-        x_BxTxD = x_BxTxD + self.attn(self.ln_1(x_BxTxD), mask_Bx1xTxT)
-        return x_BxTxD + self.mlp(self.ln_2(x_BxTxD))
+    def __call__(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
+    ) -> tuple[jax.Array, layers.KVCache | None]:
+        """One pre-norm residual block; returns ([B, T, D], the updated cache)."""
+        attn_BxTxD, cache = self.attn(self.ln_1(x_BxTxD), positions_BxT, mask_Bx1xTxS, cache)
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        return x_BxTxD + self.mlp(self.ln_2(x_BxTxD)), cache
 
 
 class GPT2(nnx.Module):
@@ -110,14 +116,26 @@ class GPT2(nnx.Module):
         positions_BxT: jax.Array | None = None,
         segment_ids_BxT: jax.Array | None = None,
         branch_ids_BxT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Hidden states [B, T, D] after ln_f, in the compute dtype (positions default to 0..T−1)."""
+        cache: list[layers.KVCache] | None = None,
+    ) -> jax.Array | tuple[jax.Array, list[layers.KVCache]]:
+        """Hidden states [B, T, D] after ln_f, in the compute dtype (positions default to 0..T−1); with a `cache`
+        (`empty_cache`), also the cache with these tokens' keys and values written in."""
         positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
-        mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)
+        mask_Bx1xTxS = layers.attention_mask(
+            positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT, cache_slots=layers.cache_slots(cache))
         x_BxTxD = self.wte(tokens_BxT) + self.wpe(positions_BxT)
-        for block in self.h:
-            x_BxTxD = layers.call_block(block, self.config.remat, x_BxTxD, mask_Bx1xTxT)
-        return self.ln_f(x_BxTxD)
+        block_caches = list(cache) if cache is not None else [None] * len(self.h)
+        for index, block in enumerate(self.h):
+            x_BxTxD, block_caches[index] = layers.call_block(
+                block, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, block_caches[index])
+        hidden_BxTxD = self.ln_f(x_BxTxD)
+        return hidden_BxTxD if cache is None else (hidden_BxTxD, block_caches)
+
+    def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
+        """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
+        config = self.config
+        head_dim = config.hidden_size // config.num_heads
+        return layers.empty_cache(config.num_layers, batch, slots, config.num_heads, head_dim, config.dtype)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [B, T, V]: hidden · wteᵀ when tied (GPT-2's checkpoints), else the separate lm_head."""

@@ -75,8 +75,10 @@ class GPTNeoXAttention(nnx.Module):
         self.query_key_value = layers.linear(D, 3 * D, bias=config.attention_bias, dtype=dtype, rngs=rngs)
         self.dense = layers.linear(D, D, bias=config.attention_bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxT: jax.Array) -> jax.Array:
-        """Attend over the row under `mask`; returns [B, T, D]."""
+    def __call__(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
+    ) -> tuple[jax.Array, layers.KVCache | None]:
+        """Attend over the row (or the cache) under `mask`; returns ([B, T, D], the updated cache)."""
         config = self.config
         B, T, D = x_BxTxD.shape
         H, K = config.num_heads, D // config.num_heads
@@ -85,8 +87,9 @@ class GPTNeoXAttention(nnx.Module):
         inv_freq_R = layers.rotary_inv_freq(config.rotary_dim, config.rope_theta, config.rope_scaling)
         q_BxTxHxK = layers.apply_rotary(q_BxTxHxK, positions_BxT, inv_freq_R)
         k_BxTxHxK = layers.apply_rotary(k_BxTxHxK, positions_BxT, inv_freq_R)
-        out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_Bx1xTxT, scale=K**-0.5)
-        return self.dense(out_BxTxHxK.reshape(B, T, D))
+        k_BxSxHxK, v_BxSxHxK, cache = layers.cache_kv(cache, k_BxTxHxK, v_BxTxHxK, positions_BxT)
+        out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS, scale=K**-0.5)
+        return self.dense(out_BxTxHxK.reshape(B, T, D)), cache
 
 
 class GPTNeoXLayer(nnx.Module):
@@ -103,13 +106,15 @@ class GPTNeoXLayer(nnx.Module):
             activation=config.activation, dtype=dtype, rngs=rngs,
         )
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxT: jax.Array) -> jax.Array:
-        """One residual block; returns [B, T, D]."""
-        attn_BxTxD = self.attention(self.input_layernorm(x_BxTxD), positions_BxT, mask_Bx1xTxT)
+    def __call__(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
+    ) -> tuple[jax.Array, layers.KVCache | None]:
+        """One residual block; returns ([B, T, D], the updated cache)."""
+        attn_BxTxD, cache = self.attention(self.input_layernorm(x_BxTxD), positions_BxT, mask_Bx1xTxS, cache)
         if self.use_parallel_residual:
-            return x_BxTxD + attn_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+            return x_BxTxD + attn_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), cache
         y_BxTxD = x_BxTxD + attn_BxTxD
-        return y_BxTxD + self.mlp(self.post_attention_layernorm(y_BxTxD))
+        return y_BxTxD + self.mlp(self.post_attention_layernorm(y_BxTxD)), cache
 
 
 class GPTNeoX(nnx.Module):
@@ -130,14 +135,26 @@ class GPTNeoX(nnx.Module):
         positions_BxT: jax.Array | None = None,
         segment_ids_BxT: jax.Array | None = None,
         branch_ids_BxT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Hidden states [B, T, D] after the final LayerNorm, in the compute dtype (positions default to 0..T−1)."""
+        cache: list[layers.KVCache] | None = None,
+    ) -> jax.Array | tuple[jax.Array, list[layers.KVCache]]:
+        """Hidden states [B, T, D] after the final LayerNorm, in the compute dtype (positions default to 0..T−1);
+        with a `cache` (`empty_cache`), also the cache with these tokens' keys and values written in."""
         positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
-        mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)
+        mask_Bx1xTxS = layers.attention_mask(
+            positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT, cache_slots=layers.cache_slots(cache))
         x_BxTxD = self.embed_in(tokens_BxT)
-        for layer in self.layers:
-            x_BxTxD = layers.call_block(layer, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxT)
-        return self.final_layer_norm(x_BxTxD)
+        layer_caches = list(cache) if cache is not None else [None] * len(self.layers)
+        for index, layer in enumerate(self.layers):
+            x_BxTxD, layer_caches[index] = layers.call_block(
+                layer, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, layer_caches[index])
+        hidden_BxTxD = self.final_layer_norm(x_BxTxD)
+        return hidden_BxTxD if cache is None else (hidden_BxTxD, layer_caches)
+
+    def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
+        """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
+        config = self.config
+        head_dim = config.hidden_size // config.num_heads
+        return layers.empty_cache(config.num_layers, batch, slots, config.num_heads, head_dim, config.dtype)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [B, T, V]: hidden · embed_inᵀ when tied, else embed_out."""

@@ -67,8 +67,10 @@ class GPTJAttention(nnx.Module):
         self.v_proj = layers.linear(D, D, bias=False, dtype=dtype, rngs=rngs)
         self.out_proj = layers.linear(D, D, bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxT: jax.Array) -> jax.Array:
-        """Attend over the row under `mask`; returns [B, T, D]."""
+    def __call__(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
+    ) -> tuple[jax.Array, layers.KVCache | None]:
+        """Attend over the row (or the cache) under `mask`; returns ([B, T, D], the updated cache)."""
         B, T, D = x_BxTxD.shape
         H, K = self.num_heads, D // self.num_heads
         inv_freq_R = layers.rotary_inv_freq(self.rotary_dim, ROPE_THETA)
@@ -77,8 +79,9 @@ class GPTJAttention(nnx.Module):
         q_BxTxHxK = layers.apply_rotary(q_BxTxHxK, positions_BxT, inv_freq_R, interleaved=True)
         k_BxTxHxK = layers.apply_rotary(k_BxTxHxK, positions_BxT, inv_freq_R, interleaved=True)
         v_BxTxHxK = self.v_proj(x_BxTxD).reshape(B, T, H, K)
-        out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask_Bx1xTxT, scale=K**-0.5)
-        return self.out_proj(out_BxTxHxK.reshape(B, T, D))
+        k_BxSxHxK, v_BxSxHxK, cache = layers.cache_kv(cache, k_BxTxHxK, v_BxTxHxK, positions_BxT)
+        out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS, scale=K**-0.5)
+        return self.out_proj(out_BxTxHxK.reshape(B, T, D)), cache
 
 
 class GPTJBlock(nnx.Module):
@@ -93,10 +96,13 @@ class GPTJBlock(nnx.Module):
             dtype=dtype, rngs=rngs,
         )
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxT: jax.Array) -> jax.Array:
-        """One parallel residual block; returns [B, T, D]."""
+    def __call__(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
+    ) -> tuple[jax.Array, layers.KVCache | None]:
+        """One parallel residual block; returns ([B, T, D], the updated cache)."""
         normed_BxTxD = self.ln_1(x_BxTxD)
-        return x_BxTxD + self.attn(normed_BxTxD, positions_BxT, mask_Bx1xTxT) + self.mlp(normed_BxTxD)
+        attn_BxTxD, cache = self.attn(normed_BxTxD, positions_BxT, mask_Bx1xTxS, cache)
+        return x_BxTxD + attn_BxTxD + self.mlp(normed_BxTxD), cache
 
 
 class GPTJ(nnx.Module):
@@ -116,14 +122,26 @@ class GPTJ(nnx.Module):
         positions_BxT: jax.Array | None = None,
         segment_ids_BxT: jax.Array | None = None,
         branch_ids_BxT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Hidden states [B, T, D] after ln_f, in the compute dtype (positions default to 0..T−1)."""
+        cache: list[layers.KVCache] | None = None,
+    ) -> jax.Array | tuple[jax.Array, list[layers.KVCache]]:
+        """Hidden states [B, T, D] after ln_f, in the compute dtype (positions default to 0..T−1); with a `cache`
+        (`empty_cache`), also the cache with these tokens' keys and values written in."""
         positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
-        mask_Bx1xTxT = layers.attention_mask(positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)
+        mask_Bx1xTxS = layers.attention_mask(
+            positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT, cache_slots=layers.cache_slots(cache))
         x_BxTxD = self.wte(tokens_BxT)
-        for block in self.h:
-            x_BxTxD = layers.call_block(block, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxT)
-        return self.ln_f(x_BxTxD)
+        block_caches = list(cache) if cache is not None else [None] * len(self.h)
+        for index, block in enumerate(self.h):
+            x_BxTxD, block_caches[index] = layers.call_block(
+                block, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, block_caches[index])
+        hidden_BxTxD = self.ln_f(x_BxTxD)
+        return hidden_BxTxD if cache is None else (hidden_BxTxD, block_caches)
+
+    def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
+        """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
+        config = self.config
+        head_dim = config.hidden_size // config.num_heads
+        return layers.empty_cache(config.num_layers, batch, slots, config.num_heads, head_dim, config.dtype)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [B, T, V] from lm_head (with its bias)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,18 +121,22 @@ def _tensor_files(directory: str) -> dict[str, str]:
         return {name: single_path for name in f.keys()}
 
 
-def _match_tensors(names: dict, files: dict[str, str], layout: HFLayout, directory: str) -> dict:
-    """{our path: checkpoint name actually present}; ValueError listing missing and unexpected tensors."""
+def _match_tensors(
+    names: dict, files: dict[str, str], layout: HFLayout, directory: str, optional: frozenset = frozenset(),
+    expected_extra: frozenset = frozenset(),
+) -> dict:
+    """{our path: checkpoint name actually present}; ValueError listing missing and unexpected tensors. Paths in
+    `optional` may be absent; names in `expected_extra` are no surprise."""
     aliases = {ours: other for other, ours in layout.aliases}
     found, missing = {}, []
     for path, (name, _) in names.items():
         candidates = [name, name.removeprefix(layout.prefix), aliases.get(name)]
         present = next((c for c in candidates if c in files), None)
-        if present is None:
-            missing.append(name)
-        else:
+        if present is not None:
             found[path] = present
-    used = set(found.values())
+        elif path not in optional:
+            missing.append(name)
+    used = set(found.values()) | expected_extra
     unexpected = sorted(
         name for name in files if name not in used and not any(re.fullmatch(p, name) for p in layout.ignored)
     )
@@ -153,16 +157,44 @@ def load_hf(
     into params of `dtype`, which is also the model's compute dtype; at most one tensor is ever held twice in host
     memory. `shardings(path, shape_dtype)` may place each tensor on its target sharding (default: one device).
     """
+    graphdef, params, config, _ = _load(resolve_checkpoint_dir(path), dtype, shardings)
+    return graphdef, params, config
+
+
+def load_hf_body(
+    path: str, head_tensors: Sequence[str], *, dtype: str = "float32"
+) -> tuple[nnx.GraphDef, nnx.State, Any, dict[str, np.ndarray]]:
+    """(graphdef, params, model config, {name: array}) of a checkpoint whose head is not the LM head, e.g. a
+    `<Family>ForSequenceClassification` with `score.weight`: the body loads as `load_hf` loads it, the LM head
+    (absent there) stays as jax.ShapeDtypeStruct leaves (use the model for hidden states only), and each of
+    `head_tensors` comes back as stored, as a numpy array; ValueError naming any of them that is missing."""
+    directory = resolve_checkpoint_dir(path)
+    return _load(directory, dtype, None, tuple(head_tensors))
+
+
+def _load(
+    directory: str, dtype: str, shardings: ShardingFn | None, head_tensors: tuple[str, ...] | None = None
+) -> tuple[nnx.GraphDef, nnx.State, Any, dict[str, np.ndarray]]:
+    """`load_hf` (head_tensors None: every param, the LM head included) or `load_hf_body` (named head tensors)."""
     from safetensors import safe_open
 
-    directory = resolve_checkpoint_dir(path)
     config = read_hf_config(directory, dtype)
     layout = family_of(config).hf
     graphdef, abstract = abstract_model(config)
     flat_abstract = {param_path(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     names = {p: hf_tensor_name(p, layout) for p in flat_abstract}
     files = _tensor_files(directory)
-    present = _match_tensors(names, files, layout, directory)
+    extra: dict[str, np.ndarray] = {}
+    lm_head: frozenset = frozenset()
+    if head_tensors is not None:
+        absent = [name for name in head_tensors if name not in files]
+        if absent:
+            raise ValueError(f"{directory}: the checkpoint has no tensor(s) {absent}, which its head needs")
+        for name in head_tensors:
+            with safe_open(files[name], framework="numpy") as f:
+                extra[name] = f.get_tensor(name)
+        lm_head = frozenset(p for p in flat_abstract if p[0] == layout.head)
+    present = _match_tensors(names, files, layout, directory, lm_head, frozenset(extra))
 
     loaded: dict[tuple, jax.Array] = {}
     for p, name in present.items():
@@ -183,8 +215,9 @@ def load_hf(
         loaded[p] = _place(array, target, None if shardings is None else shardings(p, target))
         del array
     logging.info("loaded %d tensors of %s from %s", len(loaded), layout.architecture, directory)
-    params = jax.tree_util.tree_map_with_path(lambda kp, _: loaded[param_path(kp)], abstract)
-    return graphdef, params, config
+    # Only load_hf_body leaves any param unloaded: the LM head its checkpoint lacks stays abstract.
+    params = jax.tree_util.tree_map_with_path(lambda kp, leaf: loaded.get(param_path(kp), leaf), abstract)
+    return graphdef, params, config, extra
 
 
 def _place(array: np.ndarray, target: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding | None) -> jax.Array:

@@ -14,6 +14,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import flax.struct
 import numpy as np
 from flax import nnx
 
@@ -145,6 +146,7 @@ def attention_mask(
     segment_ids_BxT: jax.Array,
     sliding_window: int | None = None,
     branch_ids_BxT: jax.Array | None = None,
+    cache_slots: int | None = None,
 ) -> jax.Array:
     """bool [B, 1, T, T]: query t sees key s iff s ≤ t, both are in the same segment, and (with a sliding window
     W) pos[t] − pos[s] < W, i.e. the W latest positions including its own, as Hugging Face's Mistral.
@@ -153,7 +155,16 @@ def attention_mask(
     several sequences share a prefix: within a segment, a key of branch 0 (the trunk) is seen by every branch,
     any other only by its own, so `[prompt | chosen | rejected]` with branches 0, 1, 2 scores both completions
     after one prompt (the rejected positions continuing from the prompt's end).
+
+    With a KV cache of `cache_slots` slots (slot = position, one sequence per row): bool [B, 1, T, cache_slots],
+    query t sees slot s iff s ≤ pos[t] (and pos[t] − s < W); segments and branches do not apply.
     """
+    if cache_slots is not None:
+        offsets_BxTxS = positions_BxT[:, :, None] - jnp.arange(cache_slots)[None, None, :]
+        mask_BxTxS = offsets_BxTxS >= 0
+        if sliding_window is not None:
+            mask_BxTxS &= offsets_BxTxS < sliding_window
+        return mask_BxTxS[:, None]
     T = positions_BxT.shape[1]
     mask_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
     if branch_ids_BxT is not None:
@@ -161,6 +172,41 @@ def attention_mask(
     if sliding_window is not None:
         mask_BxTxT &= (positions_BxT[:, :, None] - positions_BxT[:, None, :]) < sliding_window
     return mask_BxTxT[:, None]
+
+
+@flax.struct.dataclass
+class KVCache:
+    """One layer's keys and values for slots 0..S−1 of each row, slot = position: decoding writes each new token's
+    k/v at its position and attends over the slots up to it (`attention_mask(..., cache_slots=S)`)."""
+
+    k_BxSxGxK: jax.Array
+    v_BxSxGxK: jax.Array
+
+
+def empty_cache(num_layers: int, batch: int, slots: int, num_kv_heads: int, head_dim: int, dtype: Dtype) -> list:
+    """A zeroed KVCache per layer, [batch, slots, num_kv_heads, head_dim] each in `dtype` (the compute dtype)."""
+    zeros = jnp.zeros((batch, slots, num_kv_heads, head_dim), dtype)
+    return [KVCache(zeros, zeros) for _ in range(num_layers)]
+
+
+def cache_kv(
+    cache: KVCache | None, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array, positions_BxT: jax.Array
+) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    """(keys, values, cache) to attend over: the new k/v themselves without a cache; else the cache with the new
+    k/v written at their positions, and all its slots."""
+    if cache is None:
+        return k_BxTxGxK, v_BxTxGxK, None
+    rows_Bx1 = jnp.arange(positions_BxT.shape[0])[:, None]
+    cache = KVCache(
+        cache.k_BxSxGxK.at[rows_Bx1, positions_BxT].set(k_BxTxGxK.astype(cache.k_BxSxGxK.dtype)),
+        cache.v_BxSxGxK.at[rows_Bx1, positions_BxT].set(v_BxTxGxK.astype(cache.v_BxSxGxK.dtype)),
+    )
+    return cache.k_BxSxGxK, cache.v_BxSxGxK, cache
+
+
+def cache_slots(cache: list[KVCache] | None) -> int | None:
+    """The number of slots of a model's cache (None without one): the key length its attention masks need."""
+    return None if cache is None else cache[0].k_BxSxGxK.shape[1]
 
 
 def attend(

@@ -93,8 +93,10 @@ class LlamaAttention(nnx.Module):
         self.v_proj = layers.linear(D, config.num_kv_heads * K, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = layers.linear(config.num_heads * K, D, bias=config.o_bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxT: jax.Array) -> jax.Array:
-        """Attend over the row under `mask`; returns [B, T, D]."""
+    def __call__(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
+    ) -> tuple[jax.Array, layers.KVCache | None]:
+        """Attend over the row (or the cache) under `mask`; returns ([B, T, D], the updated cache)."""
         config = self.config
         B, T, _ = x_BxTxD.shape
         H, G, K = config.num_heads, config.num_kv_heads, config.head_dim
@@ -102,8 +104,9 @@ class LlamaAttention(nnx.Module):
         q_BxTxHxK = layers.apply_rotary(self.q_proj(x_BxTxD).reshape(B, T, H, K), positions_BxT, inv_freq_R)
         k_BxTxGxK = layers.apply_rotary(self.k_proj(x_BxTxD).reshape(B, T, G, K), positions_BxT, inv_freq_R)
         v_BxTxGxK = self.v_proj(x_BxTxD).reshape(B, T, G, K)
-        out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_Bx1xTxT, scale=K**-0.5)
-        return self.o_proj(out_BxTxHxK.reshape(B, T, H * K))
+        k_BxSxGxK, v_BxSxGxK, cache = layers.cache_kv(cache, k_BxTxGxK, v_BxTxGxK, positions_BxT)
+        out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale=K**-0.5)
+        return self.o_proj(out_BxTxHxK.reshape(B, T, H * K)), cache
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -119,10 +122,13 @@ class LlamaDecoderLayer(nnx.Module):
             dtype=dtype, rngs=rngs,
         )
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxT: jax.Array) -> jax.Array:
-        """One pre-norm residual block; returns [B, T, D]."""
-        x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, mask_Bx1xTxT)
-        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+    def __call__(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
+    ) -> tuple[jax.Array, layers.KVCache | None]:
+        """One pre-norm residual block; returns ([B, T, D], the updated cache)."""
+        attn_BxTxD, cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, mask_Bx1xTxS, cache)
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), cache
 
 
 class Llama(nnx.Module):
@@ -143,19 +149,30 @@ class Llama(nnx.Module):
         positions_BxT: jax.Array | None = None,
         segment_ids_BxT: jax.Array | None = None,
         branch_ids_BxT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Hidden states [B, T, D] after the final norm, in the compute dtype (positions default to 0..T−1)."""
+        cache: list[layers.KVCache] | None = None,
+    ) -> jax.Array | tuple[jax.Array, list[layers.KVCache]]:
+        """Hidden states [B, T, D] after the final norm, in the compute dtype (positions default to 0..T−1); with
+        a `cache` (`layers.empty_cache`), also the cache with these tokens' keys and values written in."""
         positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
+        slots = layers.cache_slots(cache)
         masks = {
-            window: layers.attention_mask(positions_BxT, segment_ids_BxT, window, branch_ids_BxT)
+            window: layers.attention_mask(positions_BxT, segment_ids_BxT, window, branch_ids_BxT, slots)
             for window in {self.config.layer_window(i) for i in range(self.config.num_layers)}
         }
         x_BxTxD = self.embed_tokens(tokens_BxT)
+        layer_caches = list(cache) if cache is not None else [None] * len(self.layers)
         for index, layer in enumerate(self.layers):
-            x_BxTxD = layers.call_block(
-                layer, self.config.remat, x_BxTxD, positions_BxT, masks[self.config.layer_window(index)]
+            x_BxTxD, layer_caches[index] = layers.call_block(
+                layer, self.config.remat, x_BxTxD, positions_BxT, masks[self.config.layer_window(index)],
+                layer_caches[index],
             )
-        return self.norm(x_BxTxD)
+        hidden_BxTxD = self.norm(x_BxTxD)
+        return hidden_BxTxD if cache is None else (hidden_BxTxD, layer_caches)
+
+    def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
+        """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
+        config = self.config
+        return layers.empty_cache(config.num_layers, batch, slots, config.num_kv_heads, config.head_dim, config.dtype)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [B, T, V]: hidden · embeddingᵀ when tied, else the separate lm_head."""
