@@ -257,6 +257,11 @@ def read_meta(workdir: str, stage: str, step: int | None = None) -> tuple[int, d
         manager.close()
 
 
+def last_stage(workdir: str) -> str:
+    """'dpo' if the run has DPO checkpoints, else 'sft'."""
+    return "dpo" if os.path.isdir(stage_directory(workdir, "dpo")) else "sft"
+
+
 def load_final_params(workdir: str, stage: str, abstract_params: Any, step: int | None = None) -> Any:
     """The params alone of `stage`'s checkpoint at `step` (default: the latest) in `workdir`, e.g. an SFT model
     to use as π_ref, or a run to export.

@@ -148,6 +148,12 @@ def base_config() -> ml_collections.ConfigDict:
             max_new_tokens=16,
             temperature=0.0,  # 0: greedy, as the paper's headline TL;DR numbers
             top_p=1.0,
+            top_k=0,  # 0: no limit
+            stop=[],  # stop strings: a row stops after one, and its text is cut before it
+            # The reward of samples at each evaluation: '' (the data source's ground truth, if it has one),
+            # 'task' (the same, required), 'hf:PATH[#LABEL]' (a sequence classifier / reward model checkpoint),
+            # or 'python:module:function' (texts -> scores). See dpo_jax/rewards.py.
+            reward="",
         )
     )
     return config
@@ -343,6 +349,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, "eval.max_new_tokens")
     _number(config, "eval.temperature", 0, inf)
     _number(config, "eval.top_p", 0, 1, low_open=True)
+    _positive_int(config, "eval.top_k", allow_zero=True)
+    _check(isinstance(config.eval.stop, (list, tuple)) and all(isinstance(x, str) and x for x in config.eval.stop),
+           "eval.stop", "a list of non-empty strings", config.eval.stop)
+    from dpo_jax import rewards  # here: rewards imports data and models, which config need not load otherwise
+
+    try:
+        rewards.check_reward_spec(config.eval.reward, config.data.source)
+    except ValueError as error:
+        raise ConfigError(f"config.eval.reward = {config.eval.reward!r} is invalid: {error}") from error
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

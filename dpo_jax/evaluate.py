@@ -7,16 +7,21 @@ over samples from π estimates the sequence-level KL(π ‖ π_ref)).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import os
+import sys
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax import judges, rewards
 from dpo_jax.logprobs import token_kl
 from dpo_jax.models import apply_model
-from dpo_jax.sampling import generate
+from dpo_jax.sampling import Samples, SamplingSettings, sample
 
 
 @functools.lru_cache(maxsize=8)  # One compile per model structure, however often it is evaluated.
@@ -32,44 +37,291 @@ def make_sequence_kl_fn(graphdef: Any, chunk_size: int) -> Callable:
     return jax.jit(sequence_kl)
 
 
-def sample_metrics(
-    graphdef: Any,
-    params: Any,
-    ref_params: Any,
-    prompt_tokens_NxP: np.ndarray,
-    prompt_lengths_N: np.ndarray,
-    *,
-    tokenizer,
-    reward_fn: Callable[[str], float] | None,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    rng: jax.Array,
-    chunk_size: int = 128,
-    num_examples: int = 3,
-) -> dict[str, Any]:
-    """Sample completions for the prompts; mean ground-truth reward (if the task has one), mean KL, length."""
-    tokens, completion_mask = generate(
-        graphdef,
-        params,
-        jnp.asarray(prompt_tokens_NxP),
-        jnp.asarray(prompt_lengths_N),
-        max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
-        rng=rng,
-        temperature=temperature,
-        top_p=top_p,
+@dataclasses.dataclass(frozen=True)
+class SampleEvaluator:
+    """What evaluating a model on samples needs, fixed for a run: the eval prompts, how to sample, the reward (or
+    None), and the rng (the same at every evaluation, so successive evaluations differ only by the params)."""
+
+    graphdef: Any
+    prompt_tokens: np.ndarray  # [N, P], right-padded
+    prompt_lengths: np.ndarray  # [N]
+    tokenizer: Any
+    settings: SamplingSettings
+    reward: rewards.Reward | None
+    rng: jax.Array
+    batch_size: int
+    mesh: jax.sharding.Mesh | None = None
+    chunk_size: int = 128
+
+    def prompt_texts(self) -> list[str]:
+        """The eval prompts decoded."""
+        return [self.tokenizer.decode(row[:n].tolist()) for row, n in zip(self.prompt_tokens, self.prompt_lengths)]
+
+    def __call__(self, params: Any, ref_params: Any | None, settings: SamplingSettings | None = None,
+                 rng: jax.Array | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Sample each prompt once: (means of kl (with ref_params), reward (with a reward) and completion_length,
+        one record per sample: prompt, completion, length, logprob, and its kl and reward when computed)."""
+        samples = sample(
+            self.graphdef, params, self.prompt_tokens, self.prompt_lengths, tokenizer=self.tokenizer,
+            settings=settings or self.settings, rng=self.rng if rng is None else rng, batch_size=self.batch_size,
+            mesh=self.mesh)
+        lengths = samples.completion_mask.sum(axis=-1)
+        columns: dict[str, np.ndarray] = {"completion_length": lengths.astype(np.float64)}
+        if ref_params is not None:
+            columns["kl"] = sequence_kl(self.graphdef, params, ref_params, samples, self.batch_size, self.chunk_size)
+        prompts = self.prompt_texts()
+        if self.reward is not None:
+            columns["reward"] = self.reward(prompts, samples.texts)
+        records = [
+            {"prompt": prompt, "completion": text, "length": int(length), "logprob": float(logprob),
+             **{name: float(values[i]) for name, values in columns.items() if name != "completion_length"}}
+            for i, (prompt, text, length, logprob) in enumerate(
+                zip(prompts, samples.texts, lengths, samples.sequence_logprobs))
+        ]
+        return {name: float(np.mean(values)) for name, values in columns.items()}, records
+
+
+def sequence_kl(graphdef: Any, params: Any, ref_params: Any, samples: Samples, batch_size: int,
+                chunk_size: int) -> np.ndarray:
+    """Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) over each sample's completion tokens [N], in batches of `batch_size`
+    rows (the last padded with copies of its first row, then dropped)."""
+    kl_fn = make_sequence_kl_fn(graphdef, chunk_size)
+    num_samples, values = len(samples.texts), []
+    for start in range(0, num_samples, batch_size):
+        rows = np.arange(start, start + batch_size)
+        rows = np.where(rows < num_samples, rows, start)
+        kl = kl_fn(params, ref_params, jnp.asarray(samples.tokens[rows]), jnp.asarray(samples.completion_mask[rows]))
+        values.append(np.asarray(jax.device_get(kl))[: min(batch_size, num_samples - start)])
+    return np.concatenate(values).astype(np.float64)
+
+
+# The paper's evaluation as a command: win rates of runs' samples against references, the chosen answers, or
+# another run, judged by a reward or an LLM, across sampling temperatures; Best-of-N from the same command.
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A finished run read back for evaluation: its config, tokenizer, eval data and final policy."""
+
+    workdir: str
+    config: Any
+    tokenizer: Any
+    data: Any  # run.Data
+    graphdef: Any
+    params: Any
+    stage: str
+    step: int
+
+
+def load_run(workdir: str, mesh: jax.sharding.Mesh | None = None) -> LoadedRun:
+    """The run in `workdir`: its config and model from its last stage's latest checkpoint, its data rebuilt."""
+    import ml_collections
+
+    from dpo_jax import checkpoint, data, models, sharding
+    from dpo_jax import run as run_lib
+
+    stage = checkpoint.last_stage(workdir)
+    step, meta = checkpoint.read_meta(workdir, stage)
+    config = ml_collections.ConfigDict(meta["config"])
+    model_config = models.config_from_dict(meta["model"])
+    mesh = mesh or run_lib.make_mesh(config)
+    graphdef, abstract = models.abstract_model(model_config)
+    abstract = sharding.abstract_params(abstract, models.family_of(model_config).name, mesh)
+    params = checkpoint.load_final_params(workdir, stage, abstract, step)
+    tokenizer = data.get_tokenizer(config.data.tokenizer, config.model.path)
+    return LoadedRun(workdir, config, tokenizer, run_lib.build_data(config, tokenizer), graphdef, params, stage, step)
+
+
+def chosen_texts(run: LoadedRun) -> list[str]:
+    """The chosen completion of each eval prompt's first pair, decoded (the paper's HH comparison)."""
+    chosen = {}
+    for example in run.data.eval.encoded:
+        chosen.setdefault(tuple(example["prompt"].tolist()), example.get("chosen"))
+    texts = []
+    for row, n in zip(run.data.prompt_tokens, run.data.prompt_lengths):
+        tokens = chosen[tuple(row[:n].tolist())]
+        if tokens is None:
+            raise ValueError(f"{run.workdir}: --against=chosen needs paired eval data; its data is unpaired")
+        texts.append(run.tokenizer.decode(np.asarray(tokens).tolist()))
+    return texts
+
+
+def reference_texts(path: str, prompts: list[str]) -> list[str]:
+    """Each prompt's reference completion from a JSON-lines file of {"prompt", "reference"} (prompts compared
+    without surrounding whitespace); ValueError naming the file and the first prompt it lacks."""
+    references = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record, dict) or not {"prompt", "reference"} <= record.keys():
+                    raise ValueError(f"{path}:{number}: expected an object with 'prompt' and 'reference'")
+                references[record["prompt"].strip()] = record["reference"]
+    missing = [p for p in prompts if p.strip() not in references]
+    if missing:
+        raise ValueError(f"{path}: no reference for {len(missing)} of {len(prompts)} eval prompts, e.g. {missing[0]!r}")
+    return [references[p.strip()] for p in prompts]
+
+
+def evaluator_of(run: LoadedRun, reward: rewards.Reward | None, num_prompts: int | None) -> SampleEvaluator:
+    """A SampleEvaluator over the run's first `num_prompts` eval prompts (all: None) with its eval settings."""
+    n = len(run.data.prompt_lengths) if num_prompts is None else num_prompts
+    return SampleEvaluator(
+        run.graphdef, run.data.prompt_tokens[:n], run.data.prompt_lengths[:n], run.tokenizer,
+        settings=SamplingSettings.from_config(run.config.eval), reward=reward, rng=jax.random.key(run.config.seed),
+        batch_size=run.config.train.eval_batch_size, chunk_size=run.config.train.logprob_chunk_size,
     )
-    kl = make_sequence_kl_fn(graphdef, chunk_size)(params, ref_params, tokens, completion_mask)
-    tokens, completion_mask, kl = jax.device_get((tokens, completion_mask, kl))
-    completions = [tokenizer.decode(row[m > 0].tolist()) for row, m in zip(tokens, completion_mask)]
-    prompts = [tokenizer.decode(row[:n].tolist()) for row, n in zip(prompt_tokens_NxP, prompt_lengths_N)]
-    metrics: dict[str, Any] = {
-        "kl": float(np.mean(kl)),
-        "completion_length": float(completion_mask.sum(axis=-1).mean()),
-        "examples": [{"prompt": p, "completion": c} for p, c in list(zip(prompts, completions))[:num_examples]],
-    }
-    if reward_fn is not None:
-        metrics["ground_truth_reward"] = float(np.mean([reward_fn(c) for c in completions]))
-    return metrics
+
+
+def best_of_n(evaluator: SampleEvaluator, params: Any, settings: SamplingSettings, n: int,
+              rng: jax.Array) -> list[dict[str, Any]]:
+    """For each prompt, the highest-reward of `n` samples (draw i uses `fold_in(rng, i)`): the paper's baseline."""
+    if evaluator.reward is None:
+        raise ValueError("Best-of-N needs a reward (--reward, or the run's eval.reward / the data's ground truth)")
+    best: list[dict[str, Any]] = []
+    for i in range(n):
+        _, records = evaluator(params, None, settings, jax.random.fold_in(rng, i))
+        best = records if not best else [r if r["reward"] > b["reward"] else b for r, b in zip(records, best)]
+    return best
+
+
+def win_rates(
+    runs: list[LoadedRun], against: str, temperatures: list[float], judge: Any, out_dir: str, *,
+    reward: rewards.Reward | None = None, best_of: int = 1, num_prompts: int | None = None,
+    references: str | None = None, seed: int = 0,
+) -> dict[str, Any]:
+    """Each run's samples against `against` ('references', 'chosen' or another run's directory) at each temperature,
+    judged with the two responses in a random recorded order; writes each comparison to
+    `out_dir/comparisons/<run>_t<T>.jsonl` and returns {run label: [win_rate(...) + temperature per temperature]}."""
+    os.makedirs(os.path.join(out_dir, "comparisons"), exist_ok=True)
+    opponent = None if against in ("references", "chosen") else load_run(against)
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        label = os.path.basename(os.path.normpath(run.workdir)) + (f" (best of {best_of})" if best_of > 1 else "")
+        evaluator = evaluator_of(run, reward, num_prompts)
+        prompts = evaluator.prompt_texts()
+        if against == "references":
+            if not references:
+                raise ValueError("--against=references needs --references=FILE.jsonl ({prompt, reference} lines)")
+            fixed = reference_texts(references, prompts)
+        elif against == "chosen":
+            fixed = chosen_texts(run)[: len(prompts)]
+        elif opponent.config.data.tokenizer != run.config.data.tokenizer:
+            raise ValueError(f"{against} uses tokenizer {opponent.config.data.tokenizer!r}, {run.workdir} "
+                             f"{run.config.data.tokenizer!r}: they cannot be given the same prompt tokens")
+        curves[label] = []
+        for index, temperature in enumerate(temperatures):
+            settings = dataclasses.replace(evaluator.settings, temperature=temperature)
+            rng = jax.random.fold_in(jax.random.key(seed), index)
+            if best_of > 1:
+                ours = [r["completion"] for r in best_of_n(evaluator, run.params, settings, best_of, rng)]
+            else:
+                ours = [r["completion"] for r in evaluator(run.params, None, settings, rng)[1]]
+            theirs = fixed if opponent is None else [
+                r["completion"] for r in dataclasses.replace(evaluator, graphdef=opponent.graphdef)(
+                    opponent.params, None, settings, jax.random.fold_in(rng, 1))[1]]
+            ours_first = np.random.default_rng([seed, index]).random(len(prompts)) < 0.5
+            comparisons = [judges.Comparison(p, *((a, b) if first else (b, a)))
+                           for p, a, b, first in zip(prompts, ours, theirs, ours_first)]
+            verdicts = [judges.orient(v, bool(first)) for v, first in zip(judge.judge(comparisons), ours_first)]
+            path = os.path.join(out_dir, "comparisons", f"{label.replace(' ', '_')}_t{temperature:g}.jsonl")
+            with open(path, "w") as f:
+                for p, a, b, first, verdict in zip(prompts, ours, theirs, ours_first, verdicts):
+                    f.write(json.dumps({"prompt": p, "evaluated": a, "against": b, "evaluated_first": bool(first),
+                                        "verdict": verdict}) + "\n")
+            curves[label].append({"temperature": temperature, **judges.win_rate(verdicts)})
+    return curves
+
+
+def win_rate_table(curves: dict[str, list[dict[str, Any]]]) -> str:
+    """One line per (run, temperature): win rate, its 95% interval, and the counts."""
+    lines = [f"{'run':32s}{'T':>6s}{'win rate':>10s}{'95% CI':>18s}{'n':>6s}{'ties':>6s}{'unparsed':>10s}"]
+    for label, points in curves.items():
+        for p in points:
+            interval = f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]"
+            lines.append(f"{label[:32]:32s}{p['temperature']:>6g}{p['win_rate']:>10.3f}{interval:>18s}{p['n']:>6d}"
+                         f"{p['ties']:>6d}{p['unparseable']:>10d}")
+    return "\n".join(lines)
+
+
+def make_judge(name: str, reward: rewards.Reward | None, out_dir: str, **llm: Any) -> Any:
+    """The judge named on the command line: 'reward' (higher reward wins) or 'llm' (the paper's GPT-4 judging
+    prompts, sent to an OpenAI-compatible endpoint; verdicts cached in out_dir/judge_cache.jsonl)."""
+    if name == "reward":
+        if reward is None:
+            raise ValueError("--judge=reward needs a reward: --reward=SPEC, or a run whose data has a ground truth")
+        return judges.RewardJudge(reward)
+    return judges.LLMJudge(cache_path=os.path.join(out_dir, "judge_cache.jsonl"), **llm)
+
+
+def main(argv: list[str]) -> None:
+    """python -m dpo_jax.evaluate: win rates (see the module's flags)."""
+    del argv
+    from dpo_jax import errors
+
+    flags_ = _FLAGS
+    workdirs = flags_.workdir
+    out_dir = flags_.out or os.path.join(workdirs[0], "evaluation")
+    try:
+        with errors.user_errors("evaluate"):
+            runs = [load_run(w) for w in workdirs]
+            spec = runs[0].config.eval.reward if flags_.reward is None else flags_.reward
+            reward = rewards.make_reward(spec, runs[0].config.data.source)
+            judge = make_judge(flags_.judge, reward, out_dir, url=flags_.judge_url, model=flags_.judge_model,
+                               task=flags_.judge_task, api_key_env=flags_.judge_api_key_env,
+                               max_concurrency=flags_.judge_concurrency)
+            curves = win_rates(runs, flags_.against, [float(t) for t in flags_.temperatures], judge, out_dir,
+                               reward=reward, best_of=flags_.best_of_n, num_prompts=flags_.num_prompts,
+                               references=flags_.references, seed=flags_.seed)
+    except errors.RunStopped as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_status)
+    result = {"against": flags_.against, "judge": getattr(judge, "name", flags_.judge), "curves": curves}
+    with open(os.path.join(out_dir, "win_rates.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot = judges.plot_win_rates(curves, os.path.join(out_dir, "win_rates.png"))
+    print(win_rate_table(curves))
+    print(f"win rates against {flags_.against} written to {out_dir}/win_rates.json and {plot}")
+
+
+class _Flags:
+    """The command's absl flags, defined only when run as a command (importing this module defines none)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from absl import flags
+
+        return getattr(flags.FLAGS, name)
+
+
+_FLAGS = _Flags()
+
+
+def define_flags() -> None:
+    """Define the command-line flags of `python -m dpo_jax.evaluate`."""
+    from absl import flags
+
+    flags.DEFINE_list("workdir", None, "Run directories to evaluate (one line each in the plot).")
+    flags.DEFINE_string("against", "chosen", "'references' (--references file), 'chosen' (the eval pairs' chosen "
+                        "answers) or another run's directory (its samples at the same temperature).")
+    flags.DEFINE_list("temperatures", ["0", "0.25", "0.5", "0.75", "1.0"], "Sampling temperatures.")
+    flags.DEFINE_enum("judge", "reward", ["reward", "llm"], "Who decides which response is better.")
+    flags.DEFINE_string("reward", None, "Reward spec (dpo_jax/rewards.py) for the reward judge and Best-of-N "
+                        "(default: the run's eval.reward).")
+    flags.DEFINE_string("judge_url", "https://api.openai.com/v1/chat/completions", "Chat-completions endpoint.")
+    flags.DEFINE_string("judge_model", "gpt-4", "The LLM judge's model name.")
+    flags.DEFINE_enum("judge_task", "tldr", ["tldr", "hh"], "Which of the paper's judging prompts.")
+    flags.DEFINE_string("judge_api_key_env", "OPENAI_API_KEY", "Environment variable holding the API key.")
+    flags.DEFINE_integer("judge_concurrency", 8, "Requests in flight at once.")
+    flags.DEFINE_integer("best_of_n", 1, "Keep the highest-reward of N samples per prompt (the paper's baseline).")
+    flags.DEFINE_integer("num_prompts", None, "Evaluate the first N eval prompts (default: all).")
+    flags.DEFINE_string("references", None, "JSON lines of {prompt, reference}, for --against=references.")
+    flags.DEFINE_integer("seed", 0, "Seed of the samples and of the response order.")
+    flags.DEFINE_string("out", None, "Output directory (default: the first run's evaluation/).")
+    flags.mark_flag_as_required("workdir")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -8,8 +8,6 @@ the run's tokenizer; writes config.json, safetensors and the tokenizer files wit
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 
 from dpo_jax import checkpoint, data, models
@@ -21,16 +19,11 @@ _STAGE = flags.DEFINE_enum("stage", None, ["sft", "dpo"], "Stage to export (defa
 _DTYPE = flags.DEFINE_enum("dtype", None, list(models.COMPUTE_DTYPES), "Tensor dtype to write (default: as trained).")
 
 
-def last_stage(workdir: str) -> str:
-    """'dpo' if the run has DPO checkpoints, else 'sft'."""
-    return "dpo" if os.path.isdir(checkpoint.stage_directory(workdir, "dpo")) else "sft"
-
-
 def export_checkpoint(
     workdir: str, out_dir: str, *, stage: str | None = None, step: int | None = None, dtype: str | None = None
 ) -> tuple[str, int]:
     """Write `stage`'s checkpoint at `step` (defaults: the last stage, its latest step) to `out_dir`; (stage, step)."""
-    stage = stage or last_stage(workdir)
+    stage = stage or checkpoint.last_stage(workdir)
     step, meta = checkpoint.read_meta(workdir, stage, step)
     if "model" not in meta:
         raise ValueError(f"{checkpoint.stage_directory(workdir, stage)}/{step}: its metadata records no model "

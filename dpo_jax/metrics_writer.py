@@ -1,7 +1,9 @@
-"""Where metrics go: `metrics.jsonl` (one object per logged step), TensorBoard, and a PNG of the curves.
+"""Where metrics go: `metrics.jsonl` (one object per logged step), TensorBoard, samples, and a PNG of the curves.
 
 metrics.jsonl is the record; TensorBoard (one run per stage, `tensorboard/<stage>/`) is rebuilt from it whenever
-a stage (re)starts, so after any kill and resume both hold each (stage, step) exactly once.
+a stage (re)starts, so after any kill and resume both hold each (stage, step) exactly once. Samples drawn at an
+evaluation go to `samples/<stage>/step_<N>.jsonl` (`samples/dpo/step_0.jsonl` is π_ref's: DPO starts from it) and
+to TensorBoard as text, rebuilt from those files in the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from tensorboardX import SummaryWriter
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIRECTORY = "tensorboard"
 PLOT_FILE = "training_curves.png"
+SAMPLES_DIRECTORY = "samples"
+SAMPLES_SHOWN = 8  # samples per evaluation shown as TensorBoard text (the files hold them all)
 PLOTTED_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm")
 
 
@@ -45,7 +49,35 @@ class MetricsWriter:
         for record in kept:
             if record["stage"] == stage:
                 self._add_scalars(stage, record["step"], record)
+        for sample_step, path in stage_sample_files(self.workdir, stage):
+            if sample_step > step:
+                os.remove(path)
+            else:
+                with open(path) as f:
+                    self._add_text(stage, sample_step, [json.loads(line) for line in f])
         self.flush()
+
+    def write_samples(self, stage: str, step: int, records: list[dict]) -> str:
+        """Write one evaluation's samples (a JSON object per sample) to `samples/<stage>/step_<step>.jsonl` and the
+        first few to TensorBoard as text; returns the file's path."""
+        path = sample_file(self.workdir, stage, step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(path + ".tmp", path)
+        self._add_text(stage, step, records)
+        return path
+
+    def _add_text(self, stage: str, step: int, records: list[dict]) -> None:
+        if stage not in self._boards:
+            self._boards[stage] = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIRECTORY, stage))
+        columns = [c for c in ("prompt", "completion", "reward", "kl") if records and c in records[0]]
+        rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for record in records[:SAMPLES_SHOWN]:
+            cells = (f"{record[c]:.3f}" if isinstance(record[c], float) else str(record[c]).replace("|", "\\|")
+                     for c in columns)
+            rows.append("| " + " | ".join(cell.replace("\n", " ") for cell in cells) + " |")
+        self._boards[stage].add_text("samples", "\n".join(rows), step)
 
     def write(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
         """Record one logged step of `stage`."""
@@ -72,6 +104,20 @@ class MetricsWriter:
         self._boards.clear()
 
 
+def sample_file(workdir: str, stage: str, step: int) -> str:
+    """Where the samples of `stage`'s evaluation at `step` are written."""
+    return os.path.join(workdir, SAMPLES_DIRECTORY, stage, f"step_{step}.jsonl")
+
+
+def stage_sample_files(workdir: str, stage: str) -> list[tuple[int, str]]:
+    """(step, path) of every samples file of `stage`, by step."""
+    directory = os.path.join(workdir, SAMPLES_DIRECTORY, stage)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    found = [(int(n[len("step_"):-len(".jsonl")]), os.path.join(directory, n)) for n in names
+             if n.startswith("step_") and n.endswith(".jsonl") and n[len("step_"):-len(".jsonl")].isdigit()]
+    return sorted(found)
+
+
 class NullWriter:
     """What processes other than 0 of a multi-host run write: nothing (process 0 writes the one metrics file)."""
 
@@ -80,6 +126,9 @@ class NullWriter:
 
     def write(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
         """Drop the record."""
+
+    def write_samples(self, stage: str, step: int, records: list[dict]) -> None:
+        """Drop the samples."""
 
     def flush(self) -> None:
         """Nothing to flush."""

@@ -23,12 +23,13 @@ from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from dpo_jax import checkpoint, data, evaluate, losses, models, reference_cache, sharding
+from dpo_jax import checkpoint, data, evaluate, losses, models, reference_cache, rewards, sharding
 from dpo_jax import config as config_lib
 from dpo_jax.errors import NonFiniteTraining, user_errors
 from dpo_jax.guards import PreemptionSignals, WorkdirLock
 from dpo_jax.metrics_writer import MetricsWriter, NullWriter, plot_training_curves
 from dpo_jax.optimizer import make_optimizer
+from dpo_jax.sampling import SamplingSettings
 from dpo_jax.step import (
     StepShardings, TrainState, make_eval_step, make_loss_fn, make_sequence_logps, make_train_step,
 )
@@ -63,6 +64,7 @@ class Run:
     data: Data
     writer: MetricsWriter | NullWriter  # process 0 writes metrics; the others a NullWriter
     signals: PreemptionSignals
+    evaluator: evaluate.SampleEvaluator | None = None  # samples at each evaluation (None: data.num_eval_prompts = 0)
 
     @property
     def family(self) -> str:
@@ -185,10 +187,18 @@ def train_stage(
         process_index=jax.process_index(), process_count=jax.process_count(), layout=run.data.layout,
     )
 
-    def evaluate_params(p):
-        return evaluate_pairs(eval_step, p, ref_params, eval_examples, config.train.eval_batch_size, run.data, run.mesh)
+    def evaluate_params(p, step):
+        """Held-out pair metrics; with an evaluator, also samples' means (`samples/...`), the samples written."""
+        metrics = evaluate_pairs(eval_step, p, ref_params, eval_examples, config.train.eval_batch_size, run.data,
+                                 run.mesh)
+        if run.evaluator is not None:
+            sample_means, records = run.evaluator(p, ref_params if stage == "dpo" else None)
+            metrics.update({f"samples/{name}": value for name, value in sample_means.items()})
+            run.writer.write_samples(stage, step, records)
+        return metrics
 
-    initial_eval = evaluate_params(state.params) if evaluate_start else {}  # the state starts from `params`
+    # The state starts from `params`; for DPO these are π_ref's, so its step-0 samples are π_ref's.
+    initial_eval = evaluate_params(state.params, 0) if evaluate_start else {}
     checkpoints = checkpoint.StageCheckpoints(
         run.workdir, stage, config.train.keep_checkpoints, config.train.max_save_failures
     )
@@ -246,7 +256,7 @@ def train_stage(
                 host["examples_per_second"] = (done - last_step) * batch_size / (now - last_time)
                 host["skipped_steps"] = float(nonfinite.total)
                 if done % config.train.eval_every == 0 or done == num_steps:
-                    eval_metrics = evaluate_params(state.params)
+                    eval_metrics = evaluate_params(state.params, done)
                     host.update({f"eval/{k}": v for k, v in eval_metrics.items()})
                 writer.write(stage, done, host)
                 progress.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['rewards/accuracies']:.2f}",
@@ -268,7 +278,7 @@ def train_stage(
         checkpoints.close()
 
     if not eval_metrics:  # Resumed at the end: nothing ran, evaluate the restored params.
-        eval_metrics = evaluate_params(state.params)
+        eval_metrics = evaluate_params(state.params, int(state.step))
     return state.params, initial_eval, eval_metrics
 
 
@@ -423,7 +433,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with user_errors(f"config.model.path = {config.model.path!r}" if config.model.path else "config.model"):
             graphdef, params, model_config = build_model(config, tokenizer, mesh)
         writer = MetricsWriter(workdir) if main else NullWriter()
-        run = Run(config, workdir, mesh, graphdef, model_config, run_data, writer, signals)
+        with user_errors(f"config.eval.reward = {config.eval.reward!r}"):
+            evaluator = make_evaluator(config, graphdef, run_data, tokenizer, mesh)
+        run = Run(config, workdir, mesh, graphdef, model_config, run_data, writer, signals, evaluator)
         summary: dict[str, Any] = {
             "config": config.to_dict(),
             "data": {split: {k: v for k, v in e.report.items() if k != "skipped_examples"}
@@ -440,6 +452,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if config.mode != "precompute_ref":  # which trains nothing
             plot_training_curves(workdir)
     return summary
+
+
+def make_evaluator(config: ml_collections.ConfigDict, graphdef: Any, run_data: Data, tokenizer,
+                   mesh: jax.sharding.Mesh) -> evaluate.SampleEvaluator | None:
+    """What evaluates samples of the config's eval prompts (None without any): its `eval` settings and reward."""
+    if not len(run_data.prompt_lengths):
+        return None
+    return evaluate.SampleEvaluator(
+        graphdef, run_data.prompt_tokens, run_data.prompt_lengths, tokenizer,
+        settings=SamplingSettings.from_config(config.eval),
+        reward=rewards.make_reward(config.eval.reward, config.data.source),
+        rng=jax.random.key(config.seed), batch_size=config.train.eval_batch_size, mesh=mesh,
+        chunk_size=config.train.logprob_chunk_size,
+    )
 
 
 def is_main_process() -> bool:
@@ -493,22 +519,16 @@ def _run_stages(run: Run, params: Any, tokenizer) -> dict[str, Any]:
         ref_params = reference_params(params, config.model.reference_dtype)
         params, results["dpo_initial"], results["dpo"] = train_stage(run, "dpo", params, ref_params, True)
     run.signals.stop(f"dpo step {config.dpo.num_steps}, the end of the stage (saved)")
-    prompt_tokens, prompt_lengths = run.data.prompt_tokens, run.data.prompt_lengths
-    if len(prompt_tokens):  # data.num_eval_prompts = 0 skips the evaluation on samples
-        if cached:  # π_ref again, for its samples and the KL, from where the stage's start came from
-            ref_params = reference_params(_dpo_start_params(run, None, tokenizer), config.model.reference_dtype)
-        sampling = dict(
-            tokenizer=tokenizer,
-            reward_fn=data.ground_truth_reward_fn(config.data.source),
-            max_new_tokens=config.eval.max_new_tokens,
-            temperature=config.eval.temperature,
-            top_p=config.eval.top_p,
-            rng=jax.random.key(config.seed),
-            chunk_size=config.train.logprob_chunk_size,
-        )
+    if run.evaluator is not None:
+        if "samples/kl" not in results["dpo"]:  # the stage held no π_ref (cached, or a loss without one): π_ref
+            start = _dpo_start_params(run, None, tokenizer)  # again, from where the stage's start came from
+            ref_params = reference_params(start, config.model.reference_dtype)
+            for key, p in (("dpo_initial", start), ("dpo", params)):
+                results[key]["samples/kl"] = run.evaluator(p, ref_params)[0]["kl"]
         results["samples"] = {
-            name: evaluate.sample_metrics(run.graphdef, p, ref_params, prompt_tokens, prompt_lengths, **sampling)
-            for name, p in (("reference", ref_params), ("policy", params))
+            who: {name.removeprefix("samples/"): value for name, value in results[key].items()
+                  if name.startswith("samples/")}
+            for who, key in (("reference", "dpo_initial"), ("policy", "dpo"))
         }
     print(before_after_table(results))
     return results
@@ -587,10 +607,8 @@ def before_after_table(summary: dict) -> str:
         ("eval reward accuracy", before["rewards/accuracies"], after["rewards/accuracies"]),
         ("eval mean margin", before["rewards/margins"], after["rewards/margins"]),
     ]
-    if samples and "ground_truth_reward" in samples["policy"]:
-        rows.append(
-            ("ground-truth reward of samples", samples["reference"]["ground_truth_reward"], samples["policy"]["ground_truth_reward"])
-        )
+    if samples and "reward" in samples["policy"]:
+        rows.append(("reward of samples", samples["reference"]["reward"], samples["policy"]["reward"]))
     if samples:
         rows.append(("KL(policy || reference) of samples", samples["reference"]["kl"], samples["policy"]["kl"]))
     lines = [f"{'':36s}{'before (reference)':>20s}{'after (DPO)':>14s}"]

@@ -27,7 +27,7 @@ def test_short_demo_learns_and_writes_its_outputs(tmp_path):
     # Before DPO the policy is π_ref: every margin is 0, so no pair is ranked right.
     assert summary["dpo_initial"]["rewards/margins"] == 0.0 and summary["dpo_initial"]["rewards/accuracies"] == 0.0
     samples = summary["samples"]
-    assert samples["policy"]["ground_truth_reward"] > samples["reference"]["ground_truth_reward"] + 0.5
+    assert samples["policy"]["reward"] > samples["reference"]["reward"] + 0.5
     assert samples["policy"]["kl"] > 0
     assert "eval reward accuracy" in result.stdout and "after (DPO)" in result.stdout
 
