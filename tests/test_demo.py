@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-from dpo_jax import data, models
+import numpy as np
+import pytest
+
+from dpo_jax import data, judges, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {
@@ -39,6 +42,41 @@ def test_short_demo_learns_and_writes_its_outputs(tmp_path):
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
     for stage in ("sft", "dpo"):  # one TensorBoard run per stage
         assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard" / stage))
+
+    # Samples at every evaluation of both stages (DPO's step 0 is π_ref's), with reward, and KL in DPO.
+    eval_steps = {stage: {r["step"] for r in records if r["stage"] == stage and "eval/loss" in r}
+                  for stage in ("sft", "dpo")}
+    for stage, steps in eval_steps.items():
+        files = {int(n[5:-6]) for n in os.listdir(tmp_path / "samples" / stage)}
+        assert files == steps | ({0} if stage == "dpo" else set())
+    assert all("eval/samples/kl" in r for r in records if r["stage"] == "dpo" and "eval/loss" in r)
+    with open(tmp_path / "samples" / "dpo" / "step_200.jsonl") as f:
+        final = [json.loads(line) for line in f]
+    assert len(final) == 32 and {"prompt", "completion", "length", "logprob", "kl", "reward"} <= final[0].keys()
+    assert np.mean([r["reward"] for r in final]) == pytest.approx(samples["policy"]["reward"])
+    assert all(r["reward"] == data.ground_truth_reward(r["completion"]) for r in final)
+
+    # Win rates of the policy against the eval pairs' chosen answers, judged by the ground-truth reward.
+    evaluation = tmp_path / "evaluation"
+    result = subprocess.run(
+        [sys.executable, "-m", "dpo_jax.evaluate", f"--workdir={tmp_path}", "--against=chosen",
+         "--temperatures=0,1", "--num_prompts=16", "--best_of_n=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "win rate" in result.stdout and (evaluation / "win_rates.png").stat().st_size > 1000
+    with open(evaluation / "win_rates.json") as f:
+        curves = json.load(f)["curves"]
+    (label, points), = curves.items()
+    assert label.endswith("(best of 2)") and [p["temperature"] for p in points] == [0.0, 1.0]
+    for point in points:
+        with open(evaluation / "comparisons" / f"{label.replace(' ', '_')}_t{point['temperature']:g}.jsonl") as f:
+            comparisons = [json.loads(line) for line in f]
+        assert len(comparisons) == 16 and len({c["evaluated_first"] for c in comparisons}) == 2  # both orders
+        for c in comparisons:  # each verdict is the reward's, seen from the evaluated side whatever its position
+            ours, theirs = data.ground_truth_reward(c["evaluated"]), data.ground_truth_reward(c["against"])
+            assert c["verdict"] == ("win" if ours > theirs else "loss" if ours < theirs else "tie")
+        assert point == {"temperature": point["temperature"], **judges.win_rate([c["verdict"] for c in comparisons])}
 
     # The trained policy exports as a Hugging Face model, its word tokenizer included.
     out = tmp_path / "hf"

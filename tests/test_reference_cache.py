@@ -1,6 +1,7 @@
 """Cached reference log-probs: written once by mode=precompute_ref, equal to π_ref's forward, reused across a β or
 loss sweep, and refused (naming what differs) when the data, tokenizer, lengths or π_ref are not the run's."""
 
+import json
 import os
 
 import jax
@@ -113,8 +114,11 @@ def test_sft_then_dpo_builds_the_absent_cache_and_samples_against_the_reloaded_r
     for name in ("loss", "rewards/margins"):
         assert cached["dpo"][name] == pytest.approx(uncached["dpo"][name], abs=1e-5)
     for who in ("reference", "policy"):
-        assert cached["samples"][who]["examples"] == uncached["samples"][who]["examples"]
         assert cached["samples"][who]["kl"] == pytest.approx(uncached["samples"][who]["kl"], abs=1e-5)
+    for step in (0, cached["config"]["dpo"]["num_steps"]):  # π_ref's samples, and the final policy's
+        files = [tmp_path / name / "samples" / "dpo" / f"step_{step}.jsonl" for name in ("cached", "uncached")]
+        texts = [[json.loads(line)["completion"] for line in open(path)] for path in files]
+        assert texts[0] == texts[1] and len(texts[0]) > 0
 
 
 def test_the_dry_run_with_a_cache_holds_no_reference(tmp_path):
