@@ -62,10 +62,12 @@ class MetricsWriter:
         first few to TensorBoard as text; returns the file's path."""
         path = sample_file(self.workdir, stage, step)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        shown = os.path.exists(path)  # rewritten by a resumed run: TensorBoard holds it already (see truncate)
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         os.replace(path + ".tmp", path)
-        self._add_text(stage, step, records)
+        if not shown:
+            self._add_text(stage, step, records)
         return path
 
     def _add_text(self, stage: str, step: int, records: list[dict]) -> None:
