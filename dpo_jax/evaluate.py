@@ -1,4 +1,7 @@
-"""Evaluation on samples: the ground-truth reward of generated completions and their KL to π_ref.
+"""Evaluation on samples: their reward and KL to π_ref during training, and the paper's win rates as a command.
+
+    python -m dpo_jax.evaluate --workdir=RUN_DIR[,RUN_DIR2] --against=references|chosen|OTHER_RUN_DIR \
+        --temperatures=0,0.25,0.5,0.75,1.0 [--judge=reward|llm] [--best_of_n=N]
 
 The KL of a sample y ~ π is Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) over its completion tokens,
 computed over the full vocabulary at each position (exact along the sampled prefix; its mean
