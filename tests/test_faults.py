@@ -106,7 +106,7 @@ def assert_logged_exactly_once(workdir, reference):
     for stage in ("sft", "dpo"):
         points = tensorboard_points(workdir, stage)
         assert len(points) == len(set(points))
-        assert {step for _, step in points} == set(range(1, STEPS + 1))
+        assert {step for tag, step in points if not tag.startswith("samples")} == set(range(1, STEPS + 1))
         assert {tag for tag, step in points if step == STEPS} >= {"loss", "rewards/accuracies", "eval/loss"}
 
 
