@@ -139,7 +139,8 @@ def test_top_k_and_top_p_never_emit_an_excluded_token(llama, top_k, top_p):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.floats(-5, 5), min_size=2, max_size=8, unique=True), st.integers(0, 8), st.floats(0.01, 1.0))
+@given(st.lists(st.floats(-5, 5, width=32), min_size=2, max_size=8, unique=True), st.integers(0, 8),
+       st.floats(0.01, 1.0))
 def test_filter_logits_keeps_the_top_k_then_the_smallest_nucleus(values, top_k, top_p):
     logits = np.asarray(values, np.float32)
     kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], top_p, top_k)))[0]
