@@ -124,18 +124,14 @@ class GPT2(nnx.Module):
         mask_Bx1xTxS = layers.attention_mask(
             positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT, cache_slots=layers.cache_slots(cache))
         x_BxTxD = self.wte(tokens_BxT) + self.wpe(positions_BxT)
-        block_caches = list(cache) if cache is not None else [None] * len(self.h)
-        for index, block in enumerate(self.h):
-            x_BxTxD, block_caches[index] = layers.call_block(
-                block, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, block_caches[index])
+        x_BxTxD, cache_out = layers.run_blocks(
+            self.h, self.config.remat, x_BxTxD, positions_BxT, [mask_Bx1xTxS] * len(self.h), cache)
         hidden_BxTxD = self.ln_f(x_BxTxD)
-        return hidden_BxTxD if cache is None else (hidden_BxTxD, block_caches)
+        return hidden_BxTxD if cache is None else (hidden_BxTxD, cache_out)
 
     def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
         """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
-        config = self.config
-        head_dim = config.hidden_size // config.num_heads
-        return layers.empty_cache(config.num_layers, batch, slots, config.num_heads, head_dim, config.dtype)
+        return layers.full_heads_cache(self.config, batch, slots)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [B, T, V]: hidden · wteᵀ when tied (GPT-2's checkpoints), else the separate lm_head."""

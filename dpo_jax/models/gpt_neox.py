@@ -143,18 +143,14 @@ class GPTNeoX(nnx.Module):
         mask_Bx1xTxS = layers.attention_mask(
             positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT, cache_slots=layers.cache_slots(cache))
         x_BxTxD = self.embed_in(tokens_BxT)
-        layer_caches = list(cache) if cache is not None else [None] * len(self.layers)
-        for index, layer in enumerate(self.layers):
-            x_BxTxD, layer_caches[index] = layers.call_block(
-                layer, self.config.remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, layer_caches[index])
+        x_BxTxD, cache_out = layers.run_blocks(
+            self.layers, self.config.remat, x_BxTxD, positions_BxT, [mask_Bx1xTxS] * len(self.layers), cache)
         hidden_BxTxD = self.final_layer_norm(x_BxTxD)
-        return hidden_BxTxD if cache is None else (hidden_BxTxD, layer_caches)
+        return hidden_BxTxD if cache is None else (hidden_BxTxD, cache_out)
 
     def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
         """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
-        config = self.config
-        head_dim = config.hidden_size // config.num_heads
-        return layers.empty_cache(config.num_layers, batch, slots, config.num_heads, head_dim, config.dtype)
+        return layers.full_heads_cache(self.config, batch, slots)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [B, T, V]: hidden · embed_inᵀ when tied, else embed_out."""

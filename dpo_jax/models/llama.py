@@ -160,14 +160,11 @@ class Llama(nnx.Module):
             for window in {self.config.layer_window(i) for i in range(self.config.num_layers)}
         }
         x_BxTxD = self.embed_tokens(tokens_BxT)
-        layer_caches = list(cache) if cache is not None else [None] * len(self.layers)
-        for index, layer in enumerate(self.layers):
-            x_BxTxD, layer_caches[index] = layers.call_block(
-                layer, self.config.remat, x_BxTxD, positions_BxT, masks[self.config.layer_window(index)],
-                layer_caches[index],
-            )
+        layer_masks = [masks[self.config.layer_window(i)] for i in range(len(self.layers))]
+        x_BxTxD, cache_out = layers.run_blocks(
+            self.layers, self.config.remat, x_BxTxD, positions_BxT, layer_masks, cache)
         hidden_BxTxD = self.norm(x_BxTxD)
-        return hidden_BxTxD if cache is None else (hidden_BxTxD, layer_caches)
+        return hidden_BxTxD if cache is None else (hidden_BxTxD, cache_out)
 
     def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
         """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
