@@ -21,15 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import judges, rewards
+from dpo_jax import judges, rewards, sharding
 from dpo_jax.logprobs import token_kl
 from dpo_jax.models import apply_model
 from dpo_jax.sampling import Samples, SamplingSettings, sample
 
 
 @functools.lru_cache(maxsize=8)  # One compile per model structure, however often it is evaluated.
-def make_sequence_kl_fn(graphdef: Any, chunk_size: int) -> Callable:
-    """Jitted `(params, ref_params, tokens_BxT, completion_mask_BxT) -> KL [B]` summed over completion tokens."""
+def make_sequence_kl_fn(graphdef: Any, chunk_size: int, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """Jitted `(params, ref_params, tokens_BxT, completion_mask_BxT) -> KL [B]` summed over completion tokens;
+    with a mesh, replicated so that every process can read it."""
 
     def sequence_kl(params, ref_params, tokens_BxT, completion_mask_BxT):
         hidden, logits_fn = apply_model(graphdef, params, tokens_BxT)
@@ -37,7 +38,7 @@ def make_sequence_kl_fn(graphdef: Any, chunk_size: int) -> Callable:
         kl_BxS = token_kl(hidden, logits_fn, ref_hidden, ref_logits_fn, chunk_size)
         return (kl_BxS * completion_mask_BxT[:, 1:]).sum(axis=-1)
 
-    return jax.jit(sequence_kl)
+    return jax.jit(sequence_kl, out_shardings=None if mesh is None else sharding.replicated(mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,8 @@ class SampleEvaluator:
         lengths = samples.completion_mask.sum(axis=-1)
         columns: dict[str, np.ndarray] = {"completion_length": lengths.astype(np.float64)}
         if ref_params is not None:
-            columns["kl"] = sequence_kl(self.graphdef, params, ref_params, samples, self.batch_size, self.chunk_size)
+            columns["kl"] = sequence_kl(self.graphdef, params, ref_params, samples, self.batch_size, self.chunk_size,
+                                        self.mesh)
         prompts = self.prompt_texts()
         if self.reward is not None:
             columns["reward"] = self.reward(prompts, samples.texts)
@@ -85,15 +87,17 @@ class SampleEvaluator:
 
 
 def sequence_kl(graphdef: Any, params: Any, ref_params: Any, samples: Samples, batch_size: int,
-                chunk_size: int) -> np.ndarray:
+                chunk_size: int, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) over each sample's completion tokens [N], in batches of `batch_size`
-    rows (the last padded with copies of its first row, then dropped)."""
-    kl_fn = make_sequence_kl_fn(graphdef, chunk_size)
+    rows (the last padded with copies of its first row, then dropped), sharded over the mesh's batch axes if any."""
+    kl_fn = make_sequence_kl_fn(graphdef, chunk_size, mesh)
     num_samples, values = len(samples.texts), []
     for start in range(0, num_samples, batch_size):
         rows = np.arange(start, start + batch_size)
         rows = np.where(rows < num_samples, rows, start)
-        kl = kl_fn(params, ref_params, jnp.asarray(samples.tokens[rows]), jnp.asarray(samples.completion_mask[rows]))
+        batch = {"tokens": samples.tokens[rows], "mask": samples.completion_mask[rows]}
+        batch = sharding.whole_batch(batch, mesh) if mesh is not None else jax.tree.map(jnp.asarray, batch)
+        kl = kl_fn(params, ref_params, batch["tokens"], batch["mask"])
         values.append(np.asarray(jax.device_get(kl))[: min(batch_size, num_samples - start)])
     return np.concatenate(values).astype(np.float64)
 

@@ -92,7 +92,8 @@ def generate(
 
     Jitted: graphdef, max_new_tokens, eos_id, pad_id, stop_sequences (token-id tuples) and mesh are static;
     temperature, top_p and top_k are traced (a sweep compiles once). Token i of every row is drawn with
-    `fold_in(rng, i)`. With a mesh, the KV cache is sharded as `sharding.kv_cache_sharding`.
+    `fold_in(rng, i)`. With a mesh, the KV cache is sharded as `sharding.kv_cache_sharding` and the outputs are
+    replicated, so that every process can read them whole.
     """
     B, P = prompt_tokens_BxP.shape
     S = P + max_new_tokens
@@ -129,7 +130,8 @@ def generate(
     start = (0, tokens_BxS, jnp.zeros((B, S), jnp.int32), jnp.zeros((B, S), jnp.float32), jnp.zeros((B,), bool),
              logits_BxV, cache)
     _, tokens_BxS, mask_BxS, logprobs_BxS, *_ = jax.lax.while_loop(more, body, start)
-    return Generation(tokens_BxS, mask_BxS, logprobs_BxS)
+    generation = Generation(tokens_BxS, mask_BxS, logprobs_BxS)
+    return generation if mesh is None else jax.lax.with_sharding_constraint(generation, sharding.replicated(mesh))
 
 
 @dataclasses.dataclass(frozen=True)
