@@ -197,6 +197,13 @@ def assert_equals_one_process(workdir, fsdp8_halfway):
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5, rtol=0, err_msg=key)
     # one metrics file (process 0's), each step once: what the preempted launch logged past its save is rewritten
     assert logged_steps(workdir) == list(range(1, HALF + 1))
+    # the samples drawn across processes are the one process's (greedy, so equal params give equal completions)
+    assert completions(workdir) == completions(fsdp8_halfway) and len(completions(workdir)) == 4
+
+
+def completions(workdir):
+    with open(os.path.join(workdir, "samples", "sft", f"step_{HALF}.jsonl")) as f:
+        return [json.loads(line)["completion"] for line in f]
 
 
 def test_two_processes_equal_one_and_survive_a_sigterm_to_one_of_them(fsdp8_halfway, tmp_path):

@@ -64,7 +64,7 @@ def test_gradient_equals_papers_closed_form(loss_name):
     ref_params = perturbed(params)
     batch = random_batch()
     loss_fn = step.make_loss_fn(graphdef, loss_name, losses.LossParams(beta=beta), chunk_size=5)
-    grads = jax.grad(lambda p: loss_fn(p, ref_params, batch)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, ref_params, batch)[0]))(params)
 
     # One sequence at a time: log π(y|x) and its gradient, and log π_ref(y|x).
     logp_and_grad = jax.jit(jax.value_and_grad(lambda p, tokens, mask: sequence_logp(graphdef, p, tokens, mask)[0]))
@@ -223,7 +223,8 @@ def test_bfloat16_compute_keeps_float32_params_log_probs_and_loss():
     ref_params = perturbed(params)
     ref_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), ref_params)
     batch = random_batch(0)
-    loss32, metrics32 = step.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128)(params, ref_params, batch)
+    loss32, metrics32 = jax.jit(step.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128))(
+        params, ref_params, batch)
     loss16, metrics16 = jax.jit(step.make_loss_fn(bf16_graphdef, "dpo", losses.LossParams(beta=0.1), 128))(
         params, ref_bf16, batch)
     assert loss16.dtype == metrics16["logps/chosen"].dtype == jnp.float32
