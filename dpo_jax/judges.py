@@ -128,12 +128,10 @@ def win_rate(verdicts: Sequence[str | None]) -> dict:
 
 def plot_win_rates(curves: Mapping[str, Sequence[dict]], path: str) -> str:
     """Draw win rate against sampling temperature, one line with its 95% interval per label, into the PNG `path`."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, so notebooks keep theirs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for label, points in curves.items():
         points = sorted(points, key=lambda point: point["temperature"])
         temperature, rate, ci_low, ci_high = (
@@ -147,7 +145,6 @@ def plot_win_rates(curves: Mapping[str, Sequence[dict]], path: str) -> str:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -158,16 +158,12 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def plot_training_curves(workdir: str) -> str:
     """Draw train/eval curves of each stage from metrics.jsonl into `<workdir>/training_curves.png`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, so notebooks keep theirs
 
     records = read_metrics(workdir)
     stages = list(dict.fromkeys(r["stage"] for r in records))
-    fig, axes = plt.subplots(
-        len(stages), len(PLOTTED_METRICS), figsize=(3.2 * len(PLOTTED_METRICS), 2.6 * len(stages)), squeeze=False
-    )
+    fig = Figure(figsize=(3.2 * len(PLOTTED_METRICS), 2.6 * len(stages)))
+    axes = fig.subplots(len(stages), len(PLOTTED_METRICS), squeeze=False)
     for row, stage in enumerate(stages):
         for col, name in enumerate(PLOTTED_METRICS):
             ax = axes[row, col]
@@ -184,5 +180,4 @@ def plot_training_curves(workdir: str) -> str:
     fig.tight_layout()
     path = os.path.join(workdir, PLOT_FILE)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
