@@ -32,6 +32,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist",  # the README's test command runs two workers: one per core of a 2-core machine
             "hypothesis",
             "nbclient",
             "nbformat",

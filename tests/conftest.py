@@ -16,11 +16,15 @@ def pytest_configure(config):
     """Compile each program once per session: a fresh persistent compilation cache that this process and every
     subprocess it starts (which inherit the environment) read and write. Many tests train the same tiny models, and
     compiling dominates their time; a cached executable computes the same results, so no assertion changes. The
-    size limit only turns on JAX's file lock, for processes that share the cache at the same time."""
+    size limit only turns on JAX's file lock, for processes that share the cache at the same time (subprocesses,
+    and pytest-xdist workers, which inherit the controller's directory)."""
     import jax
 
-    directory = tempfile.mkdtemp(prefix="dpo_jax_tests_jax_cache_")
-    _COMPILATION_CACHE.append(directory)
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        directory = os.environ["JAX_COMPILATION_CACHE_DIR"]  # a pytest-xdist worker: the controller's cache
+    else:
+        directory = tempfile.mkdtemp(prefix="dpo_jax_tests_jax_cache_")
+        _COMPILATION_CACHE.append(directory)
     settings = {"JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**33)}
     os.environ.update(settings)
