@@ -1,4 +1,4 @@
-"""Evaluation on samples: their reward and KL to π_ref during training, and the paper's win rates as a command.
+r"""Evaluation on samples: their reward and KL to π_ref during training, and the paper's win rates as a command.
 
     python -m dpo_jax.evaluate --workdir=RUN_DIR[,RUN_DIR2] --against=references|chosen|OTHER_RUN_DIR \
         --temperatures=0,0.25,0.5,0.75,1.0 [--judge=reward|llm] [--best_of_n=N]
