@@ -4,6 +4,12 @@ prepared without a tokenizer).
 
     python -m dpo_jax.main --config=configs/imdb.py --workdir=RUN_DIR            # a GPU node
     python -m dpo_jax.main --config=configs/imdb.py:tiny --workdir=/tmp/imdb     # the same pipeline on a CPU
+    python -m experiments.sentiment --config=configs/imdb.py --reward=hf:CLASSIFIER --workdir=RUN_DIR  # the experiment
+
+The last runs the whole experiment from this SFT step (experiments/sentiment): samples of the SFT model on the train
+prefixes, pairs labelled by the classifier, DPO at β ∈ {0.05, 0.1, 1, 5} and the baselines with this config's dpo
+settings, and the reward-vs-KL frontier. CLASSIFIER must be a local <Family>ForSequenceClassification checkpoint of
+one of our decoder families (e.g. GPT-2 fine-tuned on IMDb sentiment); the paper's RoBERTa classifier is not one.
 
 IMDb holds reviews, not preferences: each record is (prefix, rest of the review, positive?), and this config
 trains the SFT model on every review (mode = sft; the sentiment labels are unused). The paper's DPO pairs come
