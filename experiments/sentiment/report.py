@@ -1,0 +1,173 @@
+"""What the experiment reports: the reward-vs-KL frontier (table, CSV, plot), DPO's dominance, and degeneration.
+
+Every point is one evaluation of one method: the mean ground-truth reward and the mean sequence-level KL to π_ref
+of its samples of the held-out prefixes (samples/dpo/step_N.jsonl; step 0 is π_ref, the SFT model, itself).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import math
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dpo_jax.metrics_writer import stage_sample_files
+from experiments.sentiment.posthoc_kl import read_jsonl
+
+COLUMNS = ("method", "family", "hyperparameter", "step", "kl", "reward")
+FAMILY_COLOURS = {"DPO": "Blues", "Unlikelihood": "Oranges", "Preferred-FT": "Greens", "Unweighted": "Reds"}
+MARKERS = ("o", "s", "^", "D", "v", "P")
+NUM_SHOWN = 4  # samples per method in degeneration.md
+
+
+def frontier_table(runs: Sequence[tuple[object, str]]) -> list[dict]:
+    """One row per (method, evaluated step) of `runs` ((Method, its run directory) pairs): the COLUMNS, with the
+    means of the step's samples."""
+    rows = []
+    for method, workdir in runs:
+        for step, path in stage_sample_files(workdir, "dpo"):
+            samples = read_jsonl(path)
+            rows.append({"method": method.name, "family": method.family,
+                         "hyperparameter": f"{method.hyperparameter}={method.value:g}" if method.hyperparameter else "",
+                         "step": step, "kl": float(np.mean([s["kl"] for s in samples])),
+                         "reward": float(np.mean([s["reward"] for s in samples]))})
+    return rows
+
+
+def write_table(rows: Sequence[dict], csv_path: str, markdown_path: str) -> None:
+    """The frontier as CSV and as a markdown table."""
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += [f"| {r['method']} | {r['family']} | {r['hyperparameter']} | {r['step']} | {r['kl']:.3f} | "
+              f"{r['reward']:.3f} |" for r in rows]
+    with open(markdown_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def dominance(rows: Sequence[dict]) -> list[dict]:
+    """For each trained point (step > 0) of a non-DPO method: is some DPO point at least as high in reward at no
+    more KL (the paper's claim, Fig. 2 left)? Each result names the best such DPO point, or the nearest miss."""
+    dpo = [r for r in rows if r["family"] == "DPO"]
+    results = []
+    for row in rows:
+        if row["family"] == "DPO" or row["step"] == 0:
+            continue
+        within = [d for d in dpo if d["kl"] <= row["kl"]]
+        best = max(within, key=lambda d: d["reward"], default=None)
+        dominated = best is not None and best["reward"] >= row["reward"]
+        results.append({**row, "dominated": dominated,
+                        "by": None if best is None else f"{best['method']}@{best['step']}",
+                        "dpo_reward_at_no_more_kl": None if best is None else best["reward"]})
+    return results
+
+
+def dominance_summary(results: Sequence[dict]) -> str:
+    """Lines saying how many non-DPO points DPO dominates, per method, and which points it does not."""
+    by_method = collections.defaultdict(list)
+    for r in results:
+        by_method[r["method"]].append(r)
+    lines = [f"DPO dominates {sum(r['dominated'] for r in results)} of {len(results)} trained non-DPO points "
+             "(a DPO point with at least the reward at no more KL):"]
+    for method, points in by_method.items():
+        misses = [f"step {r['step']} (kl {r['kl']:.2f}, reward {r['reward']:.3f}; best DPO at no more KL: "
+                  + ("none" if r["by"] is None else f"{r['dpo_reward_at_no_more_kl']:.3f}") + ")"
+                  for r in points if not r["dominated"]]
+        lines.append(f"  {method}: {len(points) - len(misses)}/{len(points)}" + (f"; not: {', '.join(misses)}"
+                                                                                   if misses else ""))
+    return "\n".join(lines)
+
+
+def plot_frontier(rows: Sequence[dict], path: str, title: str = "") -> None:
+    """Reward against KL, a colour per method family and a shade and marker per hyper-parameter, each method's
+    evaluations joined in step order; π_ref (step 0) as a black star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    methods = list(dict.fromkeys((r["family"], r["method"]) for r in rows))
+    for family in FAMILY_COLOURS:
+        members = [m for f, m in methods if f == family]
+        colours = plt.get_cmap(FAMILY_COLOURS[family])(np.linspace(0.45, 0.95, max(len(members), 1)))
+        for k, method in enumerate(members):
+            points = sorted((r for r in rows if r["method"] == method and r["step"] > 0), key=lambda r: r["step"])
+            label = f"{family} {points[0]['hyperparameter']}".strip() if points else method
+            ax.plot([p["kl"] for p in points], [p["reward"] for p in points], "-", color=colours[k], alpha=0.35,
+                    linewidth=0.8)
+            ax.scatter([p["kl"] for p in points], [p["reward"] for p in points], color=colours[k],
+                       marker=MARKERS[k % len(MARKERS)], s=22, label=label, edgecolors="none")
+    reference = [r for r in rows if r["step"] == 0]
+    if reference:
+        ax.scatter([reference[0]["kl"]], [reference[0]["reward"]], marker="*", s=140, color="black",
+                   label="SFT (π_ref)", zorder=5)
+    ax.set_xlabel("KL(π ‖ π_ref) of samples, nats")
+    ax.set_ylabel("reward (p(positive) of samples)")
+    ax.set_title(title or "Reward vs KL to the reference (IMDb-style sentiment, Fig. 2 left)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def repetition(completions: Sequence[str]) -> tuple[float, float]:
+    """(mean fraction of each completion's words that repeat an earlier word of it, distinct-2: distinct word
+    bigrams over all bigrams of all completions)."""
+    repeated, bigrams = [], []
+    for text in completions:
+        words = text.split()
+        if words:
+            repeated.append(1 - len(set(words)) / len(words))
+        bigrams += list(zip(words, words[1:]))
+    return float(np.mean(repeated)) if repeated else 0.0, len(set(bigrams)) / max(len(bigrams), 1)
+
+
+def sample_statistics(samples: Sequence[dict], well_formed: Callable[[str], bool] | None = None) -> dict:
+    """Reward, KL, length, repetition, distinct-2, the policy's own perplexity of its samples (exp of −log-prob per
+    token, EOS included) and, given a grammar check of prompt + completion, the well-formed fraction."""
+    repeated, distinct = repetition([s["completion"] for s in samples])
+    tokens = sum(s["length"] for s in samples)
+    stats = {"reward": np.mean([s["reward"] for s in samples]), "kl": np.mean([s["kl"] for s in samples]),
+             "length": tokens / len(samples), "repeated": repeated, "distinct2": distinct,
+             "perplexity": math.exp(-sum(s["logprob"] for s in samples) / max(tokens, 1))}
+    if well_formed is not None:
+        stats["well_formed"] = np.mean([well_formed(s["prompt"] + s["completion"]) for s in samples])
+    return {k: float(v) for k, v in stats.items()}
+
+
+def write_degeneration(runs: Sequence[tuple[object, str]], path: str,
+                       well_formed: Callable[[str], bool] | None = None) -> list[dict]:
+    """degeneration.md: per method at its last evaluation (and π_ref), the sample statistics and a few samples of
+    the same prompts; returns the statistics rows."""
+    rows, shown = [], []
+    for i, (method, workdir) in enumerate(runs):
+        files = stage_sample_files(workdir, "dpo")
+        picks = ([("SFT (π_ref)", 0, files[0][1])] if i == 0 else []) + [(method.name, *files[-1])]
+        for name, step, sample_path in picks:
+            samples = read_jsonl(sample_path)
+            rows.append({"method": name, "step": step, **sample_statistics(samples, well_formed)})
+            shown.append((name, step, samples[:NUM_SHOWN]))
+    columns = [c for c in ("reward", "kl", "length", "repeated", "distinct2", "perplexity", "well_formed")
+               if c in rows[0]]
+    lines = ["# Degeneration: samples of each method at its last evaluation", "",
+             "Temperature 1 samples of the held-out prefixes. `repeated`: mean fraction of a completion's words that "
+             "repeat an earlier word of it; `distinct2`: distinct word bigrams / all bigrams; `perplexity`: the "
+             "policy's own, of its samples (per token, EOS included)"
+             + ("; `well_formed`: prompt + completion is whole sentences of the corpus grammar" if well_formed else "")
+             + ".", "",
+             "| method | step | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    lines += [f"| {r['method']} | {r['step']} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |" for r in rows]
+    for name, step, samples in shown:
+        lines += ["", f"## {name} (step {step})", ""]
+        lines += [f"- `{s['prompt'].strip()}` → `{s['completion'].strip()}` (reward {s['reward']:.2f}, kl "
+                  f"{s['kl']:.2f})" for s in samples]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return rows
