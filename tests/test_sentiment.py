@@ -34,6 +34,8 @@ def test_reviews_are_well_formed_and_prompts_are_2_to_8_word_prefixes():
         assert record["label"] == (corpus.score([record["prompt"] + record["completion"]])[0] > 0.5)
     assert not corpus.is_well_formed("the movie was very very good .")  # a degenerate repetition
     assert not corpus.is_well_formed("i loved the plot")  # cut short
+    assert corpus.is_well_formed("i loved the plot . the plot was", cut=True)  # ... by the token limit: judged to "."
+    assert not corpus.is_well_formed("i loved loved the plot . the plot was", cut=True)
 
 
 def test_scorer_is_a_probability_with_negation_and_intensifiers():
@@ -95,13 +97,15 @@ def test_bradley_terry_labels_follow_the_logit_difference():
 
 
 def test_dominance_asks_for_a_dpo_point_with_no_less_reward_at_no_more_kl():
-    rows = [dict(method="dpo", family="DPO", step=s, kl=kl, reward=r) for s, kl, r in ((0, 0, .5), (1, 1, .7), (2, 3, .9))]
-    rows += [dict(method="ul", family="Unlikelihood", step=s, kl=kl, reward=r)
-             for s, kl, r in ((0, 0, .5), (1, 1.5, .7), (2, 1.5, .75), (3, 0.5, .6))]
+    rows = [dict(method="dpo", family="DPO", step=s, kl=kl, reward=r, reward_se=0.01)
+            for s, kl, r in ((0, 0, .5), (1, 1, .7), (2, 3, .9))]
+    rows += [dict(method="ul", family="Unlikelihood", step=s, kl=kl, reward=r, reward_se=0.01)
+             for s, kl, r in ((0, 0, .5), (1, 1.5, .7), (2, 1.5, .705), (3, 0.5, .6))]
     results = report.dominance(rows)
     assert [(r["step"], r["dominated"], r["by"]) for r in results] == [
         (1, True, "dpo@1"), (2, False, "dpo@1"), (3, False, "dpo@0")]
-    assert "DPO dominates 1 of 3" in report.dominance_summary(results)
+    assert "DPO dominates 1 of 3 trained non-DPO points" in report.dominance_summary(results)
+    assert "of the 2 others, 1 miss by less than one standard error" in report.dominance_summary(results)
 
 
 def test_paper_scale_method_configs_keep_the_configs_model_and_validate(tmp_path):
@@ -157,7 +161,8 @@ def test_quick_run_writes_the_plot_table_and_degeneration_report(quick):
     assert "## SFT (π_ref) (step 0)" in text
     stats = {r["method"]: r for r in result["degeneration"]}
     assert set(stats) == {*pipeline.QUICK.methods, "SFT (π_ref)"}
-    assert all(0 <= s["well_formed"] <= 1 and 0 <= s["repeated"] < 1 and s["perplexity"] >= 1 for s in stats.values())
+    assert all(0 <= s["well_formed"] <= 1 and 0 <= s["repeated"] < 1 and s["perplexity"] >= 1 and 0 <= s["at_limit"] <= 1
+               for s in stats.values())
     with open(os.path.join(workdir, "experiment.json")) as f:
         assert json.load(f)["dominance_summary"] == result["dominance_summary"]
 

@@ -206,7 +206,13 @@ def _review_pattern() -> re.Pattern:
 REVIEW_PATTERN = _review_pattern()
 
 
-def is_well_formed(text: str) -> bool:
+def is_well_formed(text: str, cut: bool = False) -> bool:
     """Whether the grammar could have written `text` (whole sentences of its clauses, any number of them): a
-    degenerate sample (repeated words, a clause cut short) is not."""
-    return REVIEW_PATTERN.fullmatch(" ".join(words_of(text))) is not None
+    degenerate sample (repeated words, a clause cut short) is not. `cut`: the text was stopped by a token limit,
+    so only its sentences up to the last "." are judged."""
+    words = words_of(text)
+    if cut:
+        if "." not in words:
+            return False
+        words = words[:len(words) - words[::-1].index(".")]
+    return REVIEW_PATTERN.fullmatch(" ".join(words)) is not None

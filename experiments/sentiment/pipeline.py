@@ -65,7 +65,7 @@ class Scale:
 
 MODEL = (("hidden_size", 64), ("num_layers", 2), ("num_heads", 4), ("num_kv_heads", 2), ("head_dim", 16),
          ("intermediate_size", 128), ("tie_embeddings", True))
-FULL = Scale(sft_reviews=20_000, sft_steps=600, train_prefixes=2_000, eval_prefixes=256, method_steps=500,
+FULL = Scale(sft_reviews=20_000, sft_steps=600, train_prefixes=2_000, eval_prefixes=512, method_steps=600,
              eval_every=100, model=MODEL)
 # Each method's run compiles its own train step (its loss constants differ): ~10 s a method on a busy 2-core
 # machine, so --quick trains one point of each family, and DPO at two β.
@@ -270,7 +270,8 @@ def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections
     rows = report.frontier_table(runs)
     report.write_table(rows, os.path.join(workdir, "frontier.csv"), os.path.join(workdir, "frontier.md"))
     report.plot_frontier(rows, os.path.join(workdir, "frontier.png"))
-    degeneration = report.write_degeneration(runs, os.path.join(workdir, "degeneration.md"), well_formed)
+    degeneration = report.write_degeneration(runs, os.path.join(workdir, "degeneration.md"),
+                                             sft_config.eval.max_new_tokens, well_formed)
     dominance = report.dominance(rows)
     summary = report.dominance_summary(dominance)
     print(summary)

@@ -17,7 +17,7 @@ import numpy as np
 from dpo_jax.metrics_writer import stage_sample_files
 from experiments.sentiment.posthoc_kl import read_jsonl
 
-COLUMNS = ("method", "family", "hyperparameter", "step", "kl", "reward")
+COLUMNS = ("method", "family", "hyperparameter", "step", "kl", "reward", "reward_se")
 FAMILY_COLOURS = {"DPO": "Blues", "Unlikelihood": "Oranges", "Preferred-FT": "Greens", "Unweighted": "Reds"}
 MARKERS = ("o", "s", "^", "D", "v", "P")
 NUM_SHOWN = 4  # samples per method in degeneration.md
@@ -33,7 +33,8 @@ def frontier_table(runs: Sequence[tuple[object, str]]) -> list[dict]:
             rows.append({"method": method.name, "family": method.family,
                          "hyperparameter": f"{method.hyperparameter}={method.value:g}" if method.hyperparameter else "",
                          "step": step, "kl": float(np.mean([s["kl"] for s in samples])),
-                         "reward": float(np.mean([s["reward"] for s in samples]))})
+                         "reward": float(np.mean([s["reward"] for s in samples])),
+                         "reward_se": float(np.std([s["reward"] for s in samples]) / math.sqrt(len(samples)))})
     return rows
 
 
@@ -45,7 +46,7 @@ def write_table(rows: Sequence[dict], csv_path: str, markdown_path: str) -> None
         writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += [f"| {r['method']} | {r['family']} | {r['hyperparameter']} | {r['step']} | {r['kl']:.3f} | "
-              f"{r['reward']:.3f} |" for r in rows]
+              f"{r['reward']:.3f} | {r['reward_se']:.3f} |" for r in rows]
     with open(markdown_path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -72,11 +73,14 @@ def dominance_summary(results: Sequence[dict]) -> str:
     by_method = collections.defaultdict(list)
     for r in results:
         by_method[r["method"]].append(r)
-    lines = [f"DPO dominates {sum(r['dominated'] for r in results)} of {len(results)} trained non-DPO points "
-             "(a DPO point with at least the reward at no more KL):"]
+    missed = [r for r in results if not r["dominated"]]
+    close = [r for r in missed if r["by"] is not None and r["reward"] - r["dpo_reward_at_no_more_kl"] <= r["reward_se"]]
+    lines = [f"DPO dominates {len(results) - len(missed)} of {len(results)} trained non-DPO points (a DPO point with "
+             f"at least the reward at no more KL); of the {len(missed)} others, {len(close)} miss by less than one "
+             "standard error of their mean reward:"]
     for method, points in by_method.items():
-        misses = [f"step {r['step']} (kl {r['kl']:.2f}, reward {r['reward']:.3f}; best DPO at no more KL: "
-                  + ("none" if r["by"] is None else f"{r['dpo_reward_at_no_more_kl']:.3f}") + ")"
+        misses = [f"step {r['step']} (kl {r['kl']:.2f}, reward {r['reward']:.3f} ± {r['reward_se']:.3f}; best DPO "
+                  "at no more KL: " + ("none" if r["by"] is None else f"{r['dpo_reward_at_no_more_kl']:.3f}") + ")"
                   for r in points if not r["dominated"]]
         lines.append(f"  {method}: {len(points) - len(misses)}/{len(points)}" + (f"; not: {', '.join(misses)}"
                                                                                    if misses else ""))
@@ -129,21 +133,25 @@ def repetition(completions: Sequence[str]) -> tuple[float, float]:
     return float(np.mean(repeated)) if repeated else 0.0, len(set(bigrams)) / max(len(bigrams), 1)
 
 
-def sample_statistics(samples: Sequence[dict], well_formed: Callable[[str], bool] | None = None) -> dict:
-    """Reward, KL, length, repetition, distinct-2, the policy's own perplexity of its samples (exp of −log-prob per
-    token, EOS included) and, given a grammar check of prompt + completion, the well-formed fraction."""
+def sample_statistics(samples: Sequence[dict], max_new_tokens: int,
+                      well_formed: Callable[[str, bool], bool] | None = None) -> dict:
+    """Reward, KL, length (tokens, EOS included), the fraction stopped by the token limit, repetition, distinct-2,
+    the policy's own perplexity of its samples (exp of −log-prob per token) and, given a grammar check of prompt +
+    completion (told whether the limit cut it), the well-formed fraction."""
     repeated, distinct = repetition([s["completion"] for s in samples])
     tokens = sum(s["length"] for s in samples)
+    at_limit = [s["length"] >= max_new_tokens for s in samples]
     stats = {"reward": np.mean([s["reward"] for s in samples]), "kl": np.mean([s["kl"] for s in samples]),
-             "length": tokens / len(samples), "repeated": repeated, "distinct2": distinct,
-             "perplexity": math.exp(-sum(s["logprob"] for s in samples) / max(tokens, 1))}
+             "length": tokens / len(samples), "at_limit": np.mean(at_limit), "repeated": repeated,
+             "distinct2": distinct, "perplexity": math.exp(-sum(s["logprob"] for s in samples) / max(tokens, 1))}
     if well_formed is not None:
-        stats["well_formed"] = np.mean([well_formed(s["prompt"] + s["completion"]) for s in samples])
+        stats["well_formed"] = np.mean([well_formed(s["prompt"] + s["completion"], cut)
+                                        for s, cut in zip(samples, at_limit)])
     return {k: float(v) for k, v in stats.items()}
 
 
-def write_degeneration(runs: Sequence[tuple[object, str]], path: str,
-                       well_formed: Callable[[str], bool] | None = None) -> list[dict]:
+def write_degeneration(runs: Sequence[tuple[object, str]], path: str, max_new_tokens: int,
+                       well_formed: Callable[[str, bool], bool] | None = None) -> list[dict]:
     """degeneration.md: per method at its last evaluation (and π_ref), the sample statistics and a few samples of
     the same prompts; returns the statistics rows."""
     rows, shown = [], []
@@ -152,16 +160,17 @@ def write_degeneration(runs: Sequence[tuple[object, str]], path: str,
         picks = ([("SFT (π_ref)", 0, files[0][1])] if i == 0 else []) + [(method.name, *files[-1])]
         for name, step, sample_path in picks:
             samples = read_jsonl(sample_path)
-            rows.append({"method": name, "step": step, **sample_statistics(samples, well_formed)})
+            rows.append({"method": name, "step": step, **sample_statistics(samples, max_new_tokens, well_formed)})
             shown.append((name, step, samples[:NUM_SHOWN]))
-    columns = [c for c in ("reward", "kl", "length", "repeated", "distinct2", "perplexity", "well_formed")
-               if c in rows[0]]
+    columns = [c for c in ("reward", "kl", "length", "at_limit", "repeated", "distinct2", "perplexity",
+                           "well_formed") if c in rows[0]]
     lines = ["# Degeneration: samples of each method at its last evaluation", "",
-             "Temperature 1 samples of the held-out prefixes. `repeated`: mean fraction of a completion's words that "
+             "Temperature 1 samples of the held-out prefixes. `length`: tokens, EOS included; `at_limit`: fraction "
+             f"stopped by the {max_new_tokens}-token limit; `repeated`: mean fraction of a completion's words that "
              "repeat an earlier word of it; `distinct2`: distinct word bigrams / all bigrams; `perplexity`: the "
              "policy's own, of its samples (per token, EOS included)"
-             + ("; `well_formed`: prompt + completion is whole sentences of the corpus grammar" if well_formed else "")
-             + ".", "",
+             + ("; `well_formed`: prompt + completion is whole sentences of the corpus grammar (up to the last "
+                "full stop for a sample the limit cut)" if well_formed else "") + ".", "",
              "| method | step | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     lines += [f"| {r['method']} | {r['step']} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |" for r in rows]
     for name, step, samples in shown:
