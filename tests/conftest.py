@@ -40,6 +40,7 @@ def pytest_unconfigure(config):
 def make_short_config():
     """The demo config with a handful of steps and a checkpoint every 2: the whole pipeline in seconds."""
     config = demo.get_config("smoke")
+    config.loss.name = "dpo"  # the paper's loss: tests check its invariants (log 2 when the policy is π_ref)
     config.data.update(num_train_pairs=64, num_eval_pairs=16, num_eval_prompts=4)
     config.sft.update(num_steps=5, warmup_steps=2)
     config.dpo.update(num_steps=5, warmup_steps=2)

@@ -1,6 +1,6 @@
 """Embedded demo task, no download: "sentiment reviews" with a known ground-truth reward.
 
-A prompt opens a short review ("review of the film :"); a completion is 4–6 words drawn from
+A prompt opens a short review ("review of the film :"); a completion is 5 words drawn from
 positive, negative and neutral filler words. The ground-truth reward of a completion is
 (#positive words − #negative words), so a tiny model can learn it in seconds and the
 reward-vs-KL frontier can be measured exactly (the IMDb experiment of the paper, in miniature).

@@ -9,6 +9,16 @@ seeds, and which recipe makes DPO work at every seed 0–4.
     # 3. per-token log-probs over training from the checkpoints of one run (EOS, chosen and rejected tokens)
     python experiments/demo_seeds/study.py probe /tmp/demo_seeds/dpo/seed1
 
+The study's variants (each at seeds 0-4; results/ holds the measured table and probes):
+    run --tag=dpo                                          # the demo as it was (loss dpo)
+    run --tag=rpo_a0.2 -- --config.loss.name=rpo --config.loss.alpha=0.2   # the fix (also --seeds=5,6,7,8,9)
+    run --tag=rpo_a0.05 / rpo_a1                           # the same with loss.alpha=0.05 / 1.0
+    run --tag=dpo_lr3e-5 -- --config.dpo.learning_rate=3e-5
+    run --tag=dpo_beta0.5 -- --config.loss.beta=0.5        # and dpo_beta0.05
+    run --tag=dpo_ls0.2 -- --config.loss.label_smoothing=0.2
+    run --tag=dpo_words4-6 --words=4,6                     # completions of 4-6 words (launch.py patches the task)
+    run --tag=smoke_rpo_a0.2 --config=configs/demo.py:smoke -- --config.loss.name=rpo --config.loss.alpha=0.2
+
 `run` keeps every checkpoint (train.keep_checkpoints=20; it changes no training value) so that `probe` can read
 the policy at each checkpoint_every steps. `probe` scores the run's eval pairs with π_ref (the SFT stage's final
 params) and each DPO checkpoint, teacher-forced, and reports per completion position: the log-prob of the
