@@ -222,18 +222,19 @@ def status(workdir: str, config: ml_collections.ConfigDict) -> str:
     return "incomplete" if os.path.isdir(workdir) else "not started"
 
 
-def train_one(workdir: str, config: ml_collections.ConfigDict, what: str) -> None:
-    """Train `config` in `workdir` unless it is done there, resuming what the workdir holds."""
+def train_one(workdir: str, config: ml_collections.ConfigDict, what: str) -> bool:
+    """Train `config` in `workdir` unless it is done there, resuming what the workdir holds; False when skipped."""
     state = status(workdir, config)
     if state == "done":
         print(f"{what}: done before, skipped ({workdir})", flush=True)
-        return
+        return False
     if os.path.exists(os.path.join(workdir, STOPPED_FILE)):
         os.remove(os.path.join(workdir, STOPPED_FILE))
     print(f"{what}: {'starting' if state == 'not started' else 'resuming'} in {workdir}", flush=True)
     started = time.perf_counter()
     run_lib.train_and_evaluate(config, workdir)
     print(f"{what}: finished in {time.perf_counter() - started:.1f} s", flush=True)
+    return True
 
 
 def train(sweep: Sweep, indices: Sequence[int] | None = None, references_only: bool = False) -> list[str]:

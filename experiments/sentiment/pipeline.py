@@ -2,7 +2,8 @@
 
 Layout of the workdir: `corpus/` (tokenizer, SFT and pair files), `sft/` (the SFT run, π_ref of every method),
 `methods/<name>/` (one DPO-stage run per method, from the SFT params), and the report beside them. A run whose
-summary.json exists is finished and not run again; an unfinished one resumes from its checkpoints.
+summary.json holds the same config is finished and not run again; any other resumes from its checkpoints (the
+sweep's rule, experiments/sweep.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from dpo_jax import checkpoint, data, losses, rewards, run
 from dpo_jax.config import base_config
 from dpo_jax.sampling import SamplingSettings, sample
+from experiments import sweep
 from experiments.sentiment import corpus, pairs
 
 CORPUS_REWARD = "python:experiments.sentiment.corpus:score"
@@ -157,16 +159,12 @@ def method_config(sft_config: ml_collections.ConfigDict, method: Method, paths: 
     return config
 
 
-def run_once(config: ml_collections.ConfigDict, workdir: str, label: str) -> float:
-    """Train `config` in `workdir` unless its summary.json says it finished; its wall seconds (0 when skipped)."""
-    if os.path.exists(os.path.join(workdir, "summary.json")):
-        print(f"{label}: finished before, skipped ({workdir})", flush=True)
-        return 0.0
+def run_once(config: ml_collections.ConfigDict, workdir: str, label: str) -> float | None:
+    """Train `config` in `workdir` by the sweep's rule (a run done with this config is skipped, any other resumed);
+    its wall seconds, None when skipped."""
     started = time.perf_counter()
-    run.train_and_evaluate(config, workdir)
-    seconds = time.perf_counter() - started
-    print(f"{label}: {seconds:.1f} s", flush=True)
-    return seconds
+    trained = sweep.train_one(workdir, config, label)
+    return time.perf_counter() - started if trained else None
 
 
 def write_builtin_corpus(scale: Scale, paths: Paths, seed: int = 0) -> None:
@@ -196,10 +194,10 @@ def sample_completions(config: ml_collections.ConfigDict, sft_workdir: str, prom
 
 
 def write_pairs(config: ml_collections.ConfigDict, paths: Paths, prompts: dict[str, Sequence[str]],
-                reward_spec: str) -> None:
-    """Sample the SFT model on each split's prefixes and write its Bradley–Terry pairs (skipped when written)."""
+                reward_spec: str) -> bool:
+    """Sample the SFT model on each split's prefixes and write its Bradley–Terry pairs; False when written before."""
     if os.path.exists(paths.pairs_eval):
-        return
+        return False
     reward = rewards.make_reward(reward_spec, config.data.source)
     for split in ("train", "eval"):
         seed = int(np.random.SeedSequence([config.seed, SAMPLING_STREAMS[split]]).generate_state(1)[0])
@@ -211,6 +209,7 @@ def write_pairs(config: ml_collections.ConfigDict, paths: Paths, prompts: dict[s
         if split == "eval":
             records = pairs.one_per_prompt(records)
         write_jsonl(getattr(paths, f"pairs_{split}"), records)
+    return True
 
 
 def source_prompts(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
@@ -227,6 +226,15 @@ def source_prompts(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
     return prompts
 
 
+def recorded_timings(workdir: str) -> dict:
+    """The stage timings of the workdir's experiment.json (written by the calls before this one), or none."""
+    try:
+        with open(os.path.join(workdir, "experiment.json")) as f:
+            return json.load(f)["timings_seconds"]
+    except FileNotFoundError:
+        return {}
+
+
 def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections.ConfigDict | None = None,
                    reward: str = "", seed: int = 0) -> dict:
     """Every stage in `workdir`, reusing the finished ones, then the report (see report.py); returns experiment.json.
@@ -237,7 +245,8 @@ def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections
     """
     from experiments.sentiment import posthoc_kl, report
 
-    paths, timings, started = Paths(workdir), {}, time.perf_counter()
+    paths, started = Paths(workdir), time.perf_counter()
+    timings = recorded_timings(workdir)  # a stage skipped in this call keeps the seconds of the call that ran it
     if sft_config is None:
         write_builtin_corpus(scale, paths, seed)
         sft_config = builtin_sft_config(scale, paths, seed)
@@ -254,14 +263,16 @@ def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections
         methods = config_methods()
         steps, eval_every, warmup = sft_config.dpo.num_steps, sft_config.train.eval_every, sft_config.dpo.warmup_steps
         well_formed = None
-    timings["sft"] = run_once(sft_config, paths.sft, "sft")
+    if (seconds := run_once(sft_config, paths.sft, "sft")) is not None:
+        timings["sft"] = seconds
     began = time.perf_counter()
-    write_pairs(sft_config, paths, prompts, sft_config.eval.reward)
-    timings["samples_and_pairs"] = time.perf_counter() - began
+    if write_pairs(sft_config, paths, prompts, sft_config.eval.reward):
+        timings["samples_and_pairs"] = time.perf_counter() - began
     runs = []
     for method in methods:
         config = method_config(sft_config, method, paths, steps, eval_every, warmup)
-        timings[method.name] = run_once(config, paths.method(method), method.name)
+        if (seconds := run_once(config, paths.method(method), method.name)) is not None:
+            timings[method.name] = seconds
         began = time.perf_counter()
         if posthoc_kl.fill_missing_kl(config, paths.method(method)):
             timings[f"{method.name}/posthoc_kl"] = time.perf_counter() - began

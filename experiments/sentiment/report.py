@@ -51,9 +51,23 @@ def write_table(rows: Sequence[dict], csv_path: str, markdown_path: str) -> None
         f.write("\n".join(lines) + "\n")
 
 
+def mixture_reward(points: Sequence[dict], kl: float) -> float | None:
+    """The highest reward that a mixture of two of `points` (policies' mean kl and reward) reaches at KL ≤ `kl`, None
+    when every point has more KL. Mixing π_a and π_b with weight w gives the reward (1−w)·r_a + w·r_b at a KL of at
+    most (1−w)·KL_a + w·KL_b (KL is convex in π), so DPO's upper hull is a frontier it reaches."""
+    best = max((p["reward"] for p in points if p["kl"] <= kl), default=None)
+    for a in points:
+        for b in points:
+            if a["kl"] <= kl < b["kl"]:
+                w = (kl - a["kl"]) / (b["kl"] - a["kl"])
+                best = max(best, (1 - w) * a["reward"] + w * b["reward"])
+    return best
+
+
 def dominance(rows: Sequence[dict]) -> list[dict]:
     """For each trained point (step > 0) of a non-DPO method: is some DPO point at least as high in reward at no
-    more KL (the paper's claim, Fig. 2 left)? Each result names the best such DPO point, or the nearest miss."""
+    more KL (the paper's claim, Fig. 2 left)? Each result names the best such DPO point, or the nearest miss, and
+    says whether a mixture of two DPO points (see mixture_reward) reaches its reward at no more KL."""
     dpo = [r for r in rows if r["family"] == "DPO"]
     results = []
     for row in rows:
@@ -62,9 +76,12 @@ def dominance(rows: Sequence[dict]) -> list[dict]:
         within = [d for d in dpo if d["kl"] <= row["kl"]]
         best = max(within, key=lambda d: d["reward"], default=None)
         dominated = best is not None and best["reward"] >= row["reward"]
+        mixture = mixture_reward(dpo, row["kl"])
         results.append({**row, "dominated": dominated,
                         "by": None if best is None else f"{best['method']}@{best['step']}",
-                        "dpo_reward_at_no_more_kl": None if best is None else best["reward"]})
+                        "dpo_reward_at_no_more_kl": None if best is None else best["reward"],
+                        "dpo_mixture_reward": mixture,
+                        "dominated_by_mixture": mixture is not None and mixture >= row["reward"]})
     return results
 
 
@@ -75,12 +92,15 @@ def dominance_summary(results: Sequence[dict]) -> str:
         by_method[r["method"]].append(r)
     missed = [r for r in results if not r["dominated"]]
     close = [r for r in missed if r["by"] is not None and r["reward"] - r["dpo_reward_at_no_more_kl"] <= r["reward_se"]]
+    mixed = sum(r["dominated_by_mixture"] for r in results)
     lines = [f"DPO dominates {len(results) - len(missed)} of {len(results)} trained non-DPO points (a DPO point with "
              f"at least the reward at no more KL); of the {len(missed)} others, {len(close)} miss by less than one "
-             "standard error of their mean reward:"]
+             f"standard error of their mean reward. A mixture of two DPO policies dominates {mixed} of "
+             f"{len(results)}. Per method:"]
     for method, points in by_method.items():
         misses = [f"step {r['step']} (kl {r['kl']:.2f}, reward {r['reward']:.3f} ± {r['reward_se']:.3f}; best DPO "
-                  "at no more KL: " + ("none" if r["by"] is None else f"{r['dpo_reward_at_no_more_kl']:.3f}") + ")"
+                  "at no more KL: " + ("none" if r["by"] is None else f"{r['dpo_reward_at_no_more_kl']:.3f}")
+                  + ("" if r["dpo_mixture_reward"] is None else f", mixture {r['dpo_mixture_reward']:.3f}") + ")"
                   for r in points if not r["dominated"]]
         lines.append(f"  {method}: {len(points) - len(misses)}/{len(points)}" + (f"; not: {', '.join(misses)}"
                                                                                    if misses else ""))
@@ -88,8 +108,9 @@ def dominance_summary(results: Sequence[dict]) -> str:
 
 
 def plot_frontier(rows: Sequence[dict], path: str, title: str = "") -> None:
-    """Reward against KL, a colour per method family and a shade and marker per hyper-parameter, each method's
-    evaluations joined in step order; π_ref (step 0) as a black star."""
+    """Reward against KL (log-scaled above 0.1 nats), a colour per method family and a shade and marker per
+    hyper-parameter, each method's evaluations joined in step order; DPO's mixture frontier dashed; π_ref (step 0)
+    as a black star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,15 +128,21 @@ def plot_frontier(rows: Sequence[dict], path: str, title: str = "") -> None:
                     linewidth=0.8)
             ax.scatter([p["kl"] for p in points], [p["reward"] for p in points], color=colours[k],
                        marker=MARKERS[k % len(MARKERS)], s=22, label=label, edgecolors="none")
+    dpo = [r for r in rows if r["family"] == "DPO"]
+    if dpo:  # the frontier DPO reaches by mixing two of its policies (see mixture_reward)
+        grid = np.concatenate([[0.0], np.geomspace(1e-3, max(r["kl"] for r in dpo), 300)])
+        ax.plot(grid, [mixture_reward(dpo, kl) for kl in grid], "--", color="tab:blue", linewidth=1, alpha=0.6,
+                label="DPO frontier (mixtures)")
     reference = [r for r in rows if r["step"] == 0]
     if reference:
         ax.scatter([reference[0]["kl"]], [reference[0]["reward"]], marker="*", s=140, color="black",
                    label="SFT (π_ref)", zorder=5)
-    ax.set_xlabel("KL(π ‖ π_ref) of samples, nats")
+    ax.set_xscale("symlog", linthresh=0.1, linscale=0.5)  # linear below 0.1 nats: the low-KL points spread out
+    ax.set_xlabel("KL(π ‖ π_ref) of samples, nats (log scale above 0.1)")
     ax.set_ylabel("reward (p(positive) of samples)")
     ax.set_title(title or "Reward vs KL to the reference (IMDb-style sentiment, Fig. 2 left)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
