@@ -222,19 +222,21 @@ def status(workdir: str, config: ml_collections.ConfigDict) -> str:
     return "incomplete" if os.path.isdir(workdir) else "not started"
 
 
-def train_one(workdir: str, config: ml_collections.ConfigDict, what: str) -> bool:
-    """Train `config` in `workdir` unless it is done there, resuming what the workdir holds; False when skipped."""
+def train_one(workdir: str, config: ml_collections.ConfigDict, what: str) -> float | None:
+    """Train `config` in `workdir` unless it is done there, resuming what the workdir holds; its wall seconds, None
+    when skipped."""
     state = status(workdir, config)
     if state == "done":
         print(f"{what}: done before, skipped ({workdir})", flush=True)
-        return False
+        return None
     if os.path.exists(os.path.join(workdir, STOPPED_FILE)):
         os.remove(os.path.join(workdir, STOPPED_FILE))
     print(f"{what}: {'starting' if state == 'not started' else 'resuming'} in {workdir}", flush=True)
     started = time.perf_counter()
     run_lib.train_and_evaluate(config, workdir)
-    print(f"{what}: finished in {time.perf_counter() - started:.1f} s", flush=True)
-    return True
+    seconds = time.perf_counter() - started
+    print(f"{what}: finished in {seconds:.1f} s", flush=True)
+    return seconds
 
 
 def train(sweep: Sweep, indices: Sequence[int] | None = None, references_only: bool = False) -> list[str]:

@@ -159,14 +159,6 @@ def method_config(sft_config: ml_collections.ConfigDict, method: Method, paths: 
     return config
 
 
-def run_once(config: ml_collections.ConfigDict, workdir: str, label: str) -> float | None:
-    """Train `config` in `workdir` by the sweep's rule (a run done with this config is skipped, any other resumed);
-    its wall seconds, None when skipped."""
-    started = time.perf_counter()
-    trained = sweep.train_one(workdir, config, label)
-    return time.perf_counter() - started if trained else None
-
-
 def write_builtin_corpus(scale: Scale, paths: Paths, seed: int = 0) -> None:
     """The tokenizer and SFT files of the built-in corpus (deterministic; rewritten only when absent)."""
     if not os.path.exists(os.path.join(paths.tokenizer, "tokenizer.json")):
@@ -263,7 +255,7 @@ def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections
         methods = config_methods()
         steps, eval_every, warmup = sft_config.dpo.num_steps, sft_config.train.eval_every, sft_config.dpo.warmup_steps
         well_formed = None
-    if (seconds := run_once(sft_config, paths.sft, "sft")) is not None:
+    if (seconds := sweep.train_one(paths.sft, sft_config, "sft")) is not None:
         timings["sft"] = seconds
     began = time.perf_counter()
     if write_pairs(sft_config, paths, prompts, sft_config.eval.reward):
@@ -271,7 +263,7 @@ def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections
     runs = []
     for method in methods:
         config = method_config(sft_config, method, paths, steps, eval_every, warmup)
-        if (seconds := run_once(config, paths.method(method), method.name)) is not None:
+        if (seconds := sweep.train_one(paths.method(method), config, method.name)) is not None:
             timings[method.name] = seconds
         began = time.perf_counter()
         if posthoc_kl.fill_missing_kl(config, paths.method(method)):

@@ -10,12 +10,12 @@ trainer does for the other losses.
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
 
 from dpo_jax import checkpoint, data, run
 from dpo_jax.metrics_writer import stage_sample_files
+from experiments.sentiment.pipeline import write_jsonl
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -49,7 +49,5 @@ def fill_missing_kl(config: ml_collections.ConfigDict, workdir: str) -> int:
         if [r["completion"] for r in redrawn] != [r["completion"] for r in recorded]:
             raise ValueError(f"{path}: the samples drawn again from step {step}'s checkpoint differ from the "
                              "recorded ones; cannot attribute a KL to them")
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps({**r, "kl": again["kl"]}) + "\n" for r, again in zip(recorded, redrawn))
-        os.replace(path + ".tmp", path)
+        write_jsonl(path, [{**r, "kl": again["kl"]} for r, again in zip(recorded, redrawn)])
     return len(missing)

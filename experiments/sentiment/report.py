@@ -7,7 +7,6 @@ of its samples of the held-out prefixes (samples/dpo/step_N.jsonl; step 0 is π_
 from __future__ import annotations
 
 import collections
-import csv
 import math
 import os
 from typing import Callable, Sequence
@@ -15,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dpo_jax.metrics_writer import stage_sample_files
+from experiments.sweep import write_csv
 from experiments.sentiment.posthoc_kl import read_jsonl
 
 COLUMNS = ("method", "family", "hyperparameter", "step", "kl", "reward", "reward_se")
@@ -40,10 +40,7 @@ def frontier_table(runs: Sequence[tuple[object, str]]) -> list[dict]:
 
 def write_table(rows: Sequence[dict], csv_path: str, markdown_path: str) -> None:
     """The frontier as CSV and as a markdown table."""
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+    write_csv([{k: row[k] for k in COLUMNS} for row in rows], csv_path)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += [f"| {r['method']} | {r['family']} | {r['hyperparameter']} | {r['step']} | {r['kl']:.3f} | "
               f"{r['reward']:.3f} | {r['reward_se']:.3f} |" for r in rows]
@@ -111,16 +108,15 @@ def plot_frontier(rows: Sequence[dict], path: str, title: str = "") -> None:
     """Reward against KL (log-scaled above 0.1 nats), a colour per method family and a shade and marker per
     hyper-parameter, each method's evaluations joined in step order; DPO's mixture frontier dashed; π_ref (step 0)
     as a black star."""
-    import matplotlib
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch (as metrics_writer)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig = Figure(figsize=(7.5, 5))
+    ax = fig.subplots()
     methods = list(dict.fromkeys((r["family"], r["method"]) for r in rows))
     for family in FAMILY_COLOURS:
         members = [m for f, m in methods if f == family]
-        colours = plt.get_cmap(FAMILY_COLOURS[family])(np.linspace(0.45, 0.95, max(len(members), 1)))
+        colours = colormaps[FAMILY_COLOURS[family]](np.linspace(0.45, 0.95, max(len(members), 1)))
         for k, method in enumerate(members):
             points = sorted((r for r in rows if r["method"] == method and r["step"] > 0), key=lambda r: r["step"])
             label = f"{family} {points[0]['hyperparameter']}".strip() if points else method
@@ -145,7 +141,6 @@ def plot_frontier(rows: Sequence[dict], path: str, title: str = "") -> None:
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def repetition(completions: Sequence[str]) -> tuple[float, float]:
