@@ -1,6 +1,7 @@
-"""The TFDS builders of the paper's datasets, prepared offline from tiny raw files in each source's own format
-(tests/fixtures/tfds/): the exact records (prompt formats, leading spaces, which completion is chosen, HH's
-prompt split, SHP's ratio filter, IMDb's prefixes), origins, problems, split mapping, and the errors."""
+"""The paper's datasets (data/paper_datasets.py's recipes, data/tfds_sources.py's TFDS builders), prepared offline
+from tiny raw files in each source's own format (tests/fixtures/tfds/): the exact records (prompt formats, leading
+spaces, which completion is chosen, HH's prompt split, SHP's ratio filter, IMDb's prefixes), origins, problems,
+split mapping, the same records read from the raw files without TFDS, and the errors."""
 
 from __future__ import annotations
 
@@ -12,23 +13,18 @@ import pytest
 import requests
 import tensorflow_datasets as tfds
 
-from dpo_jax.data import tfds_sources
+from dpo_jax.data import paper_datasets, tfds_sources
+from dpo_jax.data.paper_datasets import TFDS_SOURCES, clean_imdb_review, imdb_prefix_length
 from dpo_jax.data.records import REASONS
-from dpo_jax.data.tfds_sources import (
-    TFDS_SOURCES,
-    DownloadFailed,
-    clean_imdb_review,
-    imdb_prefix_length,
-    load_tfds_records,
-)
+from dpo_jax.data.tfds_sources import DownloadFailed, load_tfds_records
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tfds")
 # Where each source's URLs lead inside FIXTURES (the path after the base URL is kept, as the download has it).
 FIXTURE_DIRS = {
-    tfds_sources.TLDR_URL: "tldr/comparisons",
-    tfds_sources.HH_URL: "hh",
-    tfds_sources.SHP_URL: "shp",
-    os.path.dirname(tfds_sources.IMDB_URL): "imdb",
+    paper_datasets.TLDR_URL: "tldr/comparisons",
+    paper_datasets.HH_URL: "hh",
+    paper_datasets.SHP_URL: "shp",
+    os.path.dirname(paper_datasets.IMDB_URL): "imdb",
 }
 
 
@@ -307,3 +303,16 @@ def test_raw_dir_prepares_from_a_local_copy_of_the_raw_files(name, data_dir, tmp
     assert name == "imdb" or any("raw files are not in" in r.getMessage() for r in caplog.records)
     with pytest.raises(FileNotFoundError, match=r"data.raw_dir .* holds none of its raw files"):
         load_tfds_records(name, "train", str(tmp_path / "other"), raw_dir=str(tmp_path))
+
+
+def test_the_recipes_read_the_raw_files_without_tfds(data_dir):
+    """paper_datasets.py alone turns the raw files into the records the builders write (TFDS only stores them)."""
+    hh = os.path.join(FIXTURES, "hh")
+    paths = {f"{subset}/train.jsonl.gz": os.path.join(hh, subset, "train.jsonl.gz")
+             for subset in paper_datasets.HH_SUBSETS if os.path.exists(os.path.join(hh, subset, "train.jsonl.gz"))}
+    raw = dict(paper_datasets.json_lines_records(paths, paper_datasets.hh_record, gzipped=True))
+    assert raw == {record["origin"]: record for record in load_tfds_records("hh", "train", data_dir, download=False)}
+    archive = os.path.join(FIXTURES, "imdb", "aclImdb_v1.tar.gz")
+    reviews = dict(paper_datasets.imdb_records(archive, "test"))
+    assert reviews == {record["origin"]: record for record in load_tfds_records("imdb", "eval", data_dir,
+                                                                                 download=False)}

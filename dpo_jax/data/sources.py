@@ -3,8 +3,8 @@
 - "synthetic_sentiment": the embedded demo task, generated (no download);
 - "file": the user's JSONL / JSON / Parquet file (data.path), held-out records from data.eval_path or a seeded
   split of the same file (data.eval_fraction);
-- "tldr", "hh", "shp", "imdb": the paper's datasets, TFDS builders over their original files (tfds_sources.py),
-  prepared once into data.tfds_data_dir.
+- "tldr", "hh", "shp", "imdb": the paper's datasets (their recipes: paper_datasets.py), TFDS builders over their
+  original files (tfds_sources.py), prepared once into data.tfds_data_dir.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from dpo_jax.data import synthetic
+from dpo_jax.data.files import read_preference_file, split_records
+from dpo_jax.data.paper_datasets import TFDS_SOURCES
 
 SPLITS = ("train", "eval")
-TFDS_SOURCES = ("tldr", "hh", "shp", "imdb")
 SOURCES = ("synthetic_sentiment", "file", *TFDS_SOURCES)
 # Sources whose completions have a known ground-truth reward (scored on generated samples).
 _GROUND_TRUTH_REWARDS: dict[str, Callable[[str], float]] = {"synthetic_sentiment": synthetic.ground_truth_reward}
@@ -43,8 +44,6 @@ def _synthetic(split: str, num_records: int, seed: int, **_) -> list[dict[str, A
 
 
 def _file(split: str, seed: int, path: str, eval_path: str, eval_fraction: float, **_) -> list[dict[str, Any]]:
-    from dpo_jax.data.files import read_preference_file, split_records
-
     if eval_path:
         return read_preference_file(path if split == "train" else eval_path)
     train, held_out = split_records(read_preference_file(path), eval_fraction, seed)
@@ -75,7 +74,7 @@ def load_split(
     if source == "file":
         records = _file(split, seed, path, eval_path, eval_fraction)
     else:
-        from dpo_jax.data.tfds_sources import load_tfds_records
+        from dpo_jax.data.tfds_sources import load_tfds_records  # TFDS takes seconds to import: only its users wait
 
         records = load_tfds_records(source, split, tfds_data_dir, download=download, raw_dir=raw_dir)
     return _First(records, num_records) if num_records else records
