@@ -11,7 +11,7 @@ import pytest
 
 from dpo_jax import config as config_lib
 from dpo_jax import data, rewards
-from experiments.sentiment import corpus, pairs, pipeline, report
+from experiments.sentiment import corpus, jsonl, pairs, pipeline, report
 
 
 def test_corpus_is_deterministic_and_its_streams_are_disjoint():
@@ -119,7 +119,7 @@ def test_paper_scale_method_configs_keep_the_configs_model_and_validate(tmp_path
 
     paths = pipeline.Paths(str(tmp_path))
     for name in ("pairs_train", "pairs_eval"):
-        pipeline.write_jsonl(getattr(paths, name), [{"prompt": "a", "chosen": " b", "rejected": " c"}])
+        jsonl.write_jsonl(getattr(paths, name), [{"prompt": "a", "chosen": " b", "rejected": " c"}])
     sft = imdb.get_config()
     for method in pipeline.config_methods():
         config = pipeline.method_config(sft, method, paths, num_steps=1000, eval_every=100, warmup_steps=150)

@@ -1,4 +1,4 @@
-"""experiments/sweep.py: the grid × seeds expansion and its errors, one shared SFT reference, results.csv and plots,
+"""experiments/sweep/: the grid × seeds expansion and its errors, one shared SFT reference, results.csv and plots,
 an interrupted run resumed from its checkpoint, a rerun that trains nothing, runs stopped by non-finite training,
 and the command. One real sweep (an SFT reference and two DPO runs, one of them killed and resumed) is shared."""
 
@@ -12,7 +12,7 @@ import types
 import pytest
 
 from conftest import interrupt_stage_at, make_short_config
-from dpo_jax import checkpoint, errors, run
+from dpo_jax import build, checkpoint, errors, run
 from dpo_jax.metrics_writer import read_metrics
 from experiments import sweep
 
@@ -133,7 +133,7 @@ def trained(tmp_path_factory):
         patch.setattr(run, "train_and_evaluate", recording_train)
         patch.setattr(checkpoint.StageCheckpoints, "restore", recording_restore)
         with pytest.MonkeyPatch.context() as kill:
-            interrupt_stage_at(kill, seed=1 + run.STAGE_DATA_STREAMS["dpo"], step=3, error=Killed())
+            interrupt_stage_at(kill, seed=1 + build.STAGE_DATA_STREAMS["dpo"], step=3, error=Killed())
             with pytest.raises(Killed):
                 sweep.run_sweep(*args)
         killed = [sweep.status(r.workdir, r.config) for r in sweep.plan(*args).runs]

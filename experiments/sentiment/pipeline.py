@@ -3,7 +3,7 @@
 Layout of the workdir: `corpus/` (tokenizer, SFT and pair files), `sft/` (the SFT run, π_ref of every method),
 `methods/<name>/` (one DPO-stage run per method, from the SFT params), and the report beside them. A run whose
 summary.json holds the same config is finished and not run again; any other resumes from its checkpoints (the
-sweep's rule, experiments/sweep.py).
+sweep's rule, experiments/sweep/execution.py).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpo_jax import checkpoint, data, losses, rewards, run
+from dpo_jax import build, checkpoint, data, losses, rewards
 from dpo_jax.config import base_config
 from dpo_jax.sampling import SamplingSettings, sample
-from experiments import sweep
-from experiments.sentiment import corpus, pairs
+from experiments.sentiment import corpus, pairs, posthoc_kl, report
+from experiments.sentiment.jsonl import write_jsonl
+from experiments.sweep.execution import train_one
 
 CORPUS_REWARD = "python:experiments.sentiment.corpus:score"
 SAMPLES_PER_PROMPT = 4  # the paper's: 6 pairs per training prefix (of which the held-out prefixes keep one)
@@ -108,14 +109,6 @@ class Paths:
         return os.path.join(self.methods, method.name)
 
 
-def write_jsonl(path: str, records: Sequence[dict]) -> None:
-    """Write records one JSON object a line, atomically (a killed run leaves no half file)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-    os.replace(path + ".tmp", path)
-
-
 def builtin_sft_config(scale: Scale, paths: Paths, seed: int = 0) -> ml_collections.ConfigDict:
     """SFT of the small decoder on the built-in corpus (prefix → rest of the review), sampled at temperature 1."""
     config = base_config()
@@ -154,7 +147,7 @@ def method_config(sft_config: ml_collections.ConfigDict, method: Method, paths: 
         config.loss[method.hyperparameter] = method.value
     config.train.update(eval_every=eval_every, checkpoint_every=eval_every,
                         log_every=min(config.train.log_every, eval_every))
-    if not losses.uses_reference(method.loss, run.loss_params(config)):  # posthoc_kl reads every evaluated step
+    if not losses.uses_reference(method.loss, build.loss_params(config)):  # posthoc_kl reads every evaluated step
         config.train.keep_checkpoints = num_steps // eval_every + 1
     return config
 
@@ -173,8 +166,8 @@ def sample_completions(config: ml_collections.ConfigDict, sft_workdir: str, prom
                        seed: int) -> list[list[str]]:
     """`num` completions of each prompt from the SFT model at `sft_workdir`: config.eval's settings at temperature 1."""
     tokenizer = data.get_tokenizer(config.data.tokenizer, config.model.path)
-    mesh = run.make_mesh(config)
-    graphdef, params, _ = run.build_model(config, tokenizer, mesh)
+    mesh = build.make_mesh(config)
+    graphdef, params, _ = build.build_model(config, tokenizer, mesh)
     params = checkpoint.load_final_params(sft_workdir, "sft", checkpoint.abstract(params))
     tokens_NxP, lengths_N = data.encode_prompts(prompts, tokenizer, max_prompt_length=config.data.max_prompt_length,
                                                 truncation_mode=config.data.truncation_mode)
@@ -235,8 +228,6 @@ def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections
     SFT step): its model, data source and DPO settings, every method at its dpo.learning_rate, and `reward`
     (hf:PATH of a sentiment classifier) as the ground truth.
     """
-    from experiments.sentiment import posthoc_kl, report
-
     paths, started = Paths(workdir), time.perf_counter()
     timings = recorded_timings(workdir)  # a stage skipped in this call keeps the seconds of the call that ran it
     if sft_config is None:
@@ -255,7 +246,7 @@ def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections
         methods = config_methods()
         steps, eval_every, warmup = sft_config.dpo.num_steps, sft_config.train.eval_every, sft_config.dpo.warmup_steps
         well_formed = None
-    if (seconds := sweep.train_one(paths.sft, sft_config, "sft")) is not None:
+    if (seconds := train_one(paths.sft, sft_config, "sft")) is not None:
         timings["sft"] = seconds
     began = time.perf_counter()
     if write_pairs(sft_config, paths, prompts, sft_config.eval.reward):
@@ -263,7 +254,7 @@ def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections
     runs = []
     for method in methods:
         config = method_config(sft_config, method, paths, steps, eval_every, warmup)
-        if (seconds := sweep.train_one(paths.method(method), config, method.name)) is not None:
+        if (seconds := train_one(paths.method(method), config, method.name)) is not None:
             timings[method.name] = seconds
         began = time.perf_counter()
         if posthoc_kl.fill_missing_kl(config, paths.method(method)):

@@ -9,19 +9,11 @@ trainer does for the other losses.
 
 from __future__ import annotations
 
-import json
-
 import ml_collections
 
-from dpo_jax import checkpoint, data, run
+from dpo_jax import build, checkpoint, data
 from dpo_jax.metrics_writer import stage_sample_files
-from experiments.sentiment.pipeline import write_jsonl
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The JSON objects of a JSON-lines file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from experiments.sentiment.jsonl import read_jsonl, write_jsonl
 
 
 def missing_kl_steps(workdir: str) -> list[tuple[int, str]]:
@@ -37,9 +29,9 @@ def fill_missing_kl(config: ml_collections.ConfigDict, workdir: str) -> int:
     if not missing:
         return 0
     tokenizer = data.get_tokenizer(config.data.tokenizer, config.model.path)
-    mesh = run.make_mesh(config)
-    graphdef, params, _ = run.build_model(config, tokenizer, mesh)
-    evaluator = run.make_evaluator(config, graphdef, run.build_data(config, tokenizer), tokenizer, mesh)
+    mesh = build.make_mesh(config)
+    graphdef, params, _ = build.build_model(config, tokenizer, mesh)
+    evaluator = build.make_evaluator(config, graphdef, build.build_data(config, tokenizer), tokenizer, mesh)
     abstract = checkpoint.abstract(params)
     reference = checkpoint.load_final_params(config.dpo.reference_workdir, "sft", abstract)
     for step, path in missing:

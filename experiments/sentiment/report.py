@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 from typing import Callable, Sequence
 
 import numpy as np
 
 from dpo_jax.metrics_writer import stage_sample_files
-from experiments.sweep import write_csv
-from experiments.sentiment.posthoc_kl import read_jsonl
+from experiments.sentiment.jsonl import read_jsonl
+from experiments.sweep.results import write_csv
 
 COLUMNS = ("method", "family", "hyperparameter", "step", "kl", "reward", "reward_se")
 FAMILY_COLOURS = {"DPO": "Blues", "Unlikelihood": "Oranges", "Preferred-FT": "Greens", "Unweighted": "Reds"}
