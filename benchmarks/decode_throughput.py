@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.step_time import MODELS, matmul_gflops
-from dpo_jax import config as config_lib, data, models, run, sampling
+from dpo_jax import build, config as config_lib, data, models, sampling
 
 WORKLOADS = {  # batch, prompt tokens, new tokens
     "demo": (128, 12, 10),
@@ -40,12 +40,12 @@ def model_config(name: str):
         from configs.demo import get_config
 
         config = get_config()
-        return run.model_config_of(config, data.get_tokenizer(config.data.tokenizer).vocab_size)
+        return build.model_config_of(config, data.get_tokenizer(config.data.tokenizer).vocab_size)
     fields = dict(MODELS[name])
     vocab_size = fields.pop("vocab_size")
     config = config_lib.base_config()
     config.model.update(fields)
-    return run.model_config_of(config, vocab_size)
+    return build.model_config_of(config, vocab_size)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="max_new_tokens")

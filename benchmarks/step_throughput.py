@@ -73,8 +73,8 @@ def worker(workload: str, option: Option, steps: int, precompute: bool) -> dict:
     import jax
     import numpy as np
 
-    from dpo_jax import config as config_lib, data, models, run, sharding
-    from dpo_jax.step import make_sequence_logps
+    from dpo_jax import build, config as config_lib, data, models, sharding
+    from dpo_jax.step import make_pair_logps
 
     model_name, P, C = WORKLOADS[workload]
     fields = dict(MODELS[model_name])
@@ -85,7 +85,7 @@ def worker(workload: str, option: Option, steps: int, precompute: bool) -> dict:
     config.optimizer.name = "adamw"
     config.train.update(batch_size=PAIRS, pack=option.pack, logprobs=option.logprobs)
     config.mesh.fsdp = 1
-    layout = run.layout_of(config)
+    layout = build.layout_of(config)
     if precompute:
         layout = dataclasses.replace(layout, completion_only=True)
     rng = np.random.default_rng(0)
@@ -93,8 +93,7 @@ def worker(workload: str, option: Option, steps: int, precompute: bool) -> dict:
                  "chosen": rng.integers(3, vocab_size, C).astype(np.int32),
                  "rejected": rng.integers(3, vocab_size, C).astype(np.int32)} for _ in range(PAIRS)]
     if option.cached and not precompute:
-        for e in examples:
-            e.update(reference_chosen=-100.0, reference_rejected=-100.0)
+        examples = data.with_reference_logps(examples, np.full(PAIRS, -100.0), np.full(PAIRS, -100.0))
     row_length = P + 2 * C if layout.pack == "shared_prompt" else P + C
     batch = data.collate(examples, (row_length,), 0, layout=layout)
     mesh = sharding.make_mesh(config.mesh)
@@ -102,13 +101,13 @@ def worker(workload: str, option: Option, steps: int, precompute: bool) -> dict:
     model_config = models.config_from_section(config.model, vocab_size=vocab_size)
     graphdef, params = models.split_params(models.model_from_config(model_config, models.nnx.Rngs(0)))
     rows = PAIRS if layout.pack == "shared_prompt" else 2 * PAIRS
-    scored = batch["pair_targets" if layout.pack == "shared_prompt" else "chosen_targets"].shape[1] \
-        if layout.completion_only else row_length - 1
+    first_rows = batch.rows if isinstance(batch, data.SharedPromptBatch) else batch.chosen
+    scored = first_rows.targets_BxN.shape[1] if first_rows.completion_only else row_length - 1
     forward = forward_flops(MODELS[model_name], rows, row_length, scored)
 
     if precompute:
-        sequence_logps = make_sequence_logps(graphdef, config.train.logprob_chunk_size)
-        call = jax.jit(lambda p, b: sequence_logps(p, b, ("chosen", "rejected"), "reference"))
+        pair_logps = make_pair_logps(graphdef, config.train.logprob_chunk_size)
+        call = jax.jit(lambda p, b: pair_logps(p, b, "reference"))
         started = time.perf_counter()
         compiled = call.lower(params, batch).compile()
         compile_seconds = time.perf_counter() - started
@@ -120,7 +119,7 @@ def worker(workload: str, option: Option, steps: int, precompute: bool) -> dict:
         flops = forward
     else:
         ref_params = None if option.cached else jax.tree.map(lambda x: x.copy(), params)
-        state, train_step, _ = run.compile_stage(config, "dpo", graphdef, "llama", mesh, params, ref_params,
+        state, train_step, _ = build.compile_stage(config, "dpo", graphdef, "llama", mesh, params, ref_params,
                                                  donate_params=True)
         started = time.perf_counter()
         compiled = train_step.lower(state, ref_params, batch).compile()

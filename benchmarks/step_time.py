@@ -46,7 +46,7 @@ def measure(model: str, pairs: int, length: int, steps: int) -> dict:
     import jax
     import numpy as np
 
-    from dpo_jax import config as config_lib, models, run, sharding
+    from dpo_jax import build, config as config_lib, data, models, sharding
 
     config = config_lib.base_config()
     config.mode = "dpo"
@@ -61,15 +61,13 @@ def measure(model: str, pairs: int, length: int, steps: int) -> dict:
     shardings = sharding.tree_shardings(abstract, "llama", mesh)
     params = jax.jit(lambda: models.split_params(models.model_from_config(model_config, models.nnx.Rngs(0)))[1],
                      out_shardings=shardings)()
-    state, train_step, _ = run.compile_stage(config, "dpo", graphdef, "llama", mesh, params, params)
+    state, train_step, _ = build.compile_stage(config, "dpo", graphdef, "llama", mesh, params, params)
     rng = np.random.default_rng(0)
-    batch = {}
-    for key in ("chosen", "rejected"):
-        batch[f"{key}_tokens"] = rng.integers(3, vocab_size, (pairs, length)).astype(np.int32)
-        mask = np.zeros((pairs, length), np.float32)
-        mask[:, length // 2:] = 1.0
-        batch[f"{key}_loss_mask"] = mask
-    batch = sharding.global_batch(batch, mesh)
+    mask = np.zeros((pairs, length), np.float32)
+    mask[:, length // 2:] = 1.0  # prompts of half the row, completions of the rest
+    rows = {key: data.Rows(tokens_BxT=rng.integers(3, vocab_size, (pairs, length)).astype(np.int32), loss_mask_BxT=mask)
+            for key in ("chosen", "rejected")}
+    batch = sharding.global_batch(data.PairedBatch(**rows), mesh)
     state, metrics = train_step(state, params, batch)  # compile
     jax.block_until_ready(metrics)
     start = time.perf_counter()

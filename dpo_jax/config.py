@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from dpo_jax import losses
+from dpo_jax import data, losses, models, rewards, sharding
 from dpo_jax.errors import UserError
 
 MODES = ("sft", "dpo", "sft_then_dpo", "precompute_ref")
@@ -207,42 +207,55 @@ def _get(config, key: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check every key up front; raise ConfigError naming the first bad key and what is allowed."""
-    from dpo_jax import data, models  # Imported here: both are heavier than this module.
-
-    inf = float("inf")
     _choice(config, "mode", MODES)
     _positive_int(config, "seed", allow_zero=True)
+    _choice(config, "dry_run", (True, False))
+    _validate_model(config)
+    _validate_mesh(config)
+    _validate_data(config)
+    _validate_loss_and_optimizer(config)
+    _validate_stages(config)
+    _validate_train(config)
+    _validate_eval(config)
 
+
+def _wrapped(key: str, check, *args) -> None:
+    """Run a check of another module; its error (a bad value, or an unreadable file) becomes a ConfigError naming
+    `key`."""
+    try:
+        check(*args)
+    except (OSError, TypeError, ValueError) as error:
+        raise ConfigError(f"{key} is invalid: {error}") from error
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
     _check(isinstance(config.model.path, str), "model.path", "a path or repo id string ('' for none)", config.model.path)
     _choice(config, "model.dtype", models.COMPUTE_DTYPES)
     _choice(config, "model.reference_dtype", ("float32", "bfloat16"))
     _choice(config, "model.remat", models.REMAT_MODES)
-    for axis in ("data", "fsdp", "tensor"):
-        _check(isinstance(config.mesh[axis], int) and (config.mesh[axis] >= 1 or config.mesh[axis] == -1),
-               f"mesh.{axis}", "a positive number of devices, or -1 for the rest", config.mesh[axis])
-    _check([config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
-           "at most one axis of -1", config.mesh.to_dict())
-    _choice(config, "mesh.distributed", ("auto", "on", "off"))
-    _number(config, "mesh.device_memory_gb", 0, inf)
-    _choice(config, "dry_run", (True, False))
     if config.model.path:
-        try:  # A local checkpoint is checked now; a repo id when it is fetched.
-            if models.is_local_path(config.model.path):
-                models.read_hf_config(config.model.path, config.model.dtype)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"config.model.path = {config.model.path!r} is invalid: {error}") from error
+        if models.is_local_path(config.model.path):  # a local checkpoint is checked now; a repo id when fetched
+            _wrapped(f"config.model.path = {config.model.path!r}", models.read_hf_config, config.model.path,
+                     config.model.dtype)
     else:
         _choice(config, "model.family", models.family_names())
-        try:  # The family's own config checks its fields; vocab_size comes from the tokenizer later.
-            models.config_from_section(config.model, vocab_size=1)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"config.model is invalid: {error}") from error
+        # The family's own config checks its fields; vocab_size comes from the tokenizer later.
+        _wrapped("config.model", models.config_from_section, config.model, 1)
 
-    _choice(config, "data.source", data.source_names())
+
+def _validate_mesh(config: ml_collections.ConfigDict) -> None:
     try:
-        data.check_tokenizer_name(config.data.tokenizer, config.model.path)
+        sharding.check_mesh_sizes(config.mesh)
     except ValueError as error:
-        raise ConfigError(f"config.data.tokenizer = {config.data.tokenizer!r} is invalid: {error}") from error
+        raise ConfigError(str(error)) from error
+    _choice(config, "mesh.distributed", ("auto", "on", "off"))
+    _number(config, "mesh.device_memory_gb", 0, float("inf"))
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+    _choice(config, "data.source", data.source_names())
+    _wrapped(f"config.data.tokenizer = {config.data.tokenizer!r}", data.check_tokenizer_name, config.data.tokenizer,
+             config.model.path)
     for key in ("max_length", "max_prompt_length"):
         _positive_int(config, f"data.{key}")
     synthetic = config.data.source == "synthetic_sentiment"  # generates this many; other sources read at most (0: all)
@@ -284,6 +297,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _positive_int(config, "data.num_threads")
 
+
+def _validate_loss_and_optimizer(config: ml_collections.ConfigDict) -> None:
+    inf = float("inf")
     _choice(config, "loss.name", losses.loss_names())
     _number(config, "loss.beta", 0, inf, low_open=True)
     _number(config, "loss.label_smoothing", 0, 0.5, high_open=True)
@@ -298,6 +314,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _number(config, "optimizer.max_grad_norm", 0, inf, low_open=True)
     _number(config, "optimizer.weight_decay", 0, inf)
 
+
+def _validate_stages(config: ml_collections.ConfigDict) -> None:
+    """Each stage's length and learning rate, and where DPO's reference comes from (its own params or a cache)."""
+    inf = float("inf")
     for stage in STAGES:
         _positive_int(config, f"{stage}.num_steps")
         _number(config, f"{stage}.learning_rate", 0, inf, low_open=True)
@@ -325,6 +345,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "point pairs completions of different examples within each batch, which no per-example cache holds",
                config.ref.cache)
 
+
+def _validate_train(config: ml_collections.ConfigDict) -> None:
     for key in ("batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "eval_every",
                 "checkpoint_every", "keep_checkpoints", "logprob_chunk_size", "max_nonfinite_steps",
                 "max_save_failures"):
@@ -346,18 +368,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _get(config, key),
         )
 
+
+def _validate_eval(config: ml_collections.ConfigDict) -> None:
+    inf = float("inf")
     _positive_int(config, "eval.max_new_tokens")
     _number(config, "eval.temperature", 0, inf)
     _number(config, "eval.top_p", 0, 1, low_open=True)
     _positive_int(config, "eval.top_k", allow_zero=True)
     _check(isinstance(config.eval.stop, (list, tuple)) and all(isinstance(x, str) and x for x in config.eval.stop),
            "eval.stop", "a list of non-empty strings", config.eval.stop)
-    from dpo_jax import rewards  # here: rewards imports data and models, which config need not load otherwise
-
-    try:
-        rewards.check_reward_spec(config.eval.reward, config.data.source)
-    except ValueError as error:
-        raise ConfigError(f"config.eval.reward = {config.eval.reward!r} is invalid: {error}") from error
+    _wrapped(f"config.eval.reward = {config.eval.reward!r}", rewards.check_reward_spec, config.eval.reward,
+             config.data.source)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from dpo_jax import data, losses, models, sharding
+from dpo_jax import build, data, losses, models, sharding
 from dpo_jax.optimizer import make_optimizer
 from dpo_jax.step import TrainState
 
@@ -68,19 +68,18 @@ def activation_bytes(model_config: Any, config: ml_collections.ConfigDict, mesh:
     return int(kept + logits)
 
 
-def longest_batch(config: ml_collections.ConfigDict, stage: str) -> dict[str, np.ndarray]:
+def longest_batch(config: ml_collections.ConfigDict, stage: str) -> data.Batch:
     """A batch of the config's layout whose every row is as long as the data settings allow: prompts of
     max_prompt_length, completions of the rest (the pipeline's own collate builds it; cached π_ref log-probs
     with ref.cache)."""
-    from dpo_jax import run
-
     P, C = config.data.max_prompt_length, config.data.max_length - config.data.max_prompt_length
-    example = {"prompt": np.ones(P, np.int32), "chosen": np.ones(C, np.int32), "rejected": np.full(C, 2, np.int32)}
-    if not losses.takes(run.stage_loss(config, stage), True):
-        example = {"prompt": example["prompt"], "completion": example["chosen"], "label": True}
+    B, prompt = config.train.batch_size, np.ones(P, np.int32)
+    examples = [{"prompt": prompt, "chosen": np.ones(C, np.int32), "rejected": np.full(C, 2, np.int32)}] * B
+    if not losses.takes(build.stage_loss(config, stage), True):
+        examples = [{"prompt": prompt, "completion": np.ones(C, np.int32), "label": True}] * B
     elif config.ref.cache:  # π_ref's log-probs come with the batch
-        example.update(reference_chosen=0.0, reference_rejected=0.0)
-    return data.collate([example] * config.train.batch_size, run.buckets_of(config), 0, layout=run.layout_of(config))
+        examples = data.with_reference_logps(examples, np.zeros(B), np.zeros(B))
+    return data.collate(examples, build.buckets_of(config), 0, layout=build.layout_of(config))
 
 
 def compiled_temporaries(config, stage, graphdef, family, mesh_shape, params, ref_params) -> int | None:
@@ -88,10 +87,8 @@ def compiled_temporaries(config, stage, graphdef, family, mesh_shape, params, re
     mesh's devices (compiled from shapes alone; nothing is allocated); None otherwise."""
     if math.prod(mesh_shape) != jax.device_count():
         return None
-    from dpo_jax import run  # the run's own step factories
-
     mesh = jax.make_mesh(mesh_shape, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    create_state, _, train_step, _ = run.stage_steps(config, stage, graphdef, family, mesh, params, ref_params)
+    create_state, _, train_step, _ = build.stage_steps(config, stage, graphdef, family, mesh, params, ref_params)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), longest_batch(config, stage))
     state = jax.eval_shape(create_state, params)
     analysis = train_step.lower(state, ref_params, batch).compile().memory_analysis()
@@ -105,17 +102,15 @@ def report(config: ml_collections.ConfigDict) -> str:
         vocab_size = 1  # the checkpoint's config.json gives the vocabulary
     else:
         vocab_size = data.get_tokenizer(config.data.tokenizer).vocab_size
-    from dpo_jax import run  # the run's own rules: which architecture a config trains, its loss settings
-
-    model_config = run.model_config_of(config, vocab_size)
+    model_config = build.model_config_of(config, vocab_size)
     family = models.family_of(model_config).name
     graphdef, params = models.abstract_model(model_config)
     stage = "sft" if config.mode == "sft" else "dpo"  # the stage whose step the run ends with
     tx, _ = make_optimizer(config.optimizer, config[stage])
     state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
-    loss_name = run.stage_loss(config, stage)
+    loss_name = build.stage_loss(config, stage)
     # With ref.cache the DPO stage holds no π_ref: its log-probs ride in the batches.
-    uses_reference = losses.uses_reference(loss_name, run.loss_params(config)) and not config.ref.cache
+    uses_reference = losses.uses_reference(loss_name, build.loss_params(config)) and not config.ref.cache
     ref_dtype = jnp.dtype(config.model.reference_dtype)
     ref_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype), params) if uses_reference else None
     rows = {

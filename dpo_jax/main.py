@@ -1,6 +1,7 @@
 """Command line: `python -m dpo_jax.main --config=configs/demo.py --workdir=DIR [--config.key=value ...]`.
 
-Runs the config's mode (sft, dpo, or sft_then_dpo) in DIR; re-running with the same DIR resumes. Exit statuses:
+Runs the config's mode (sft, dpo, sft_then_dpo or precompute_ref) in DIR, or with `--config.dry_run=True` prints
+each device's memory and exits; re-running with the same DIR resumes. Exit statuses:
 0 done, 2 a bad config, data, checkpoint or busy workdir (one line on stderr; --verbose adds the traceback),
 3 non-finite training, 4 checkpoints could not be saved, 128 + N stopped by signal N after saving (143 for
 SIGTERM, 130 for Ctrl-C); anything else is a bug and prints its traceback (see dpo_jax/errors.py).
@@ -16,7 +17,8 @@ import warnings
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dpo_jax import checkpoint, errors, run
+from dpo_jax import checkpoint, dry_run, errors, run
+from dpo_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (a get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/dpo_jax_demo", "Checkpoints, metrics and plots go here.")
@@ -64,6 +66,16 @@ def _unraisable(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def run_config(config, workdir: str) -> None:
+    """The config's dry run (shapes only: nothing is allocated, loaded or written), or its mode in `workdir`."""
+    if not config.dry_run:
+        run.train_and_evaluate(config, workdir)
+        return
+    config_lib.validate(config)
+    with errors.user_errors("dry run"):
+        print(dry_run.report(config))
+
+
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_keep_log_record)
@@ -71,7 +83,7 @@ def main(argv):
     if not _VERBOSE.value:  # the same leftovers of a failed save, collected at exit: "coroutine ... never awaited"
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     try:
-        run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        run_config(_CONFIG.value, _WORKDIR.value)
     except errors.RunStopped as stop:
         if _VERBOSE.value:
             traceback.print_exc()

@@ -93,12 +93,23 @@ PARTITION_RULES: dict[str, tuple[Rule, ...]] = {
 }
 
 
+def check_mesh_sizes(mesh_config: Any) -> None:
+    """ValueError naming `config.mesh.<axis>` unless each axis is a positive size or -1 ("the rest of the devices"),
+    and -1 is used at most once."""
+    for axis in MESH_AXES:
+        size = mesh_config[axis]
+        if isinstance(size, bool) or not isinstance(size, int) or not (size >= 1 or size == -1):
+            raise ValueError(f"config.mesh.{axis} = {size!r} is invalid: expected a positive number of devices, or -1 "
+                             "for the rest")
+    sizes = {axis: mesh_config[axis] for axis in MESH_AXES}
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"config.mesh = {sizes} is invalid: expected at most one axis of -1")
+
+
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) sizes from `config.mesh`; one of them may be -1, "the rest of the devices"."""
+    check_mesh_sizes(mesh_config)
     sizes = [mesh_config[axis] for axis in MESH_AXES]
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"config.mesh = {dict(zip(MESH_AXES, sizes))}: each axis is a positive size, or -1 (the "
-                         "rest of the devices) for at most one")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
@@ -214,7 +225,8 @@ def abstract_params(abstract: Any, family: str, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a batch over data × fsdp; the other dimensions whole."""
+    """Rows of a batch over data × fsdp; the other dimensions whole. Every array leaf of a data.Batch has the batch
+    axis first, so this one sharding is a prefix of any batch's pytree."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
@@ -234,18 +246,24 @@ def batch_rows(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of a batch, assembled with every other process's into global arrays sharded over the
-    batch axes (one process: the whole batch, split over its devices)."""
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+    """This process's rows of a batch (any pytree of [B, ...] arrays, e.g. a data.Batch), assembled with every other
+    process's into global arrays sharded over the batch axes (one process: the whole batch, split over its devices)."""
     sharding = batch_sharding(mesh)
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
+    return jax.tree.map(lambda value: jax.make_array_from_process_local_data(sharding, value), local_batch)
 
 
-def whole_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """A batch every process holds whole (evaluation), as global arrays sharded over the batch axes."""
+def whole_batch(batch: Any, mesh: Mesh) -> Any:
+    """A batch every process holds whole (evaluation; any pytree of [B, ...] arrays), as global arrays sharded over
+    the batch axes."""
     sharding = batch_sharding(mesh)
-    return {key: jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
-            for key, value in batch.items()}
+    return jax.tree.map(
+        lambda value: jax.make_array_from_callback(value.shape, sharding, lambda index: value[index]), batch)
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0, the one that writes metrics, TensorBoard, plots, reports and the progress bar."""
+    return jax.process_index() == 0
 
 
 def sync_processes(name: str) -> None:

@@ -83,7 +83,7 @@ class _DieAt:
 
 def interrupt_stage_at(monkeypatch, seed, step, error):
     """Make the training batches of the stage whose data seed is `seed` raise `error` when batch `step` is due: a
-    run killed there, in process (the stage's seed is config.seed + run.STAGE_DATA_STREAMS[stage])."""
+    run killed there, in process (the stage's seed is config.seed + build.STAGE_DATA_STREAMS[stage])."""
     from dpo_jax import data
 
     original = data.TrainBatches.iterator

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from conftest import make_short_config
-from dpo_jax import data, errors, run, sharding
+from dpo_jax import build, data, errors, run, sharding
 from dpo_jax.config import ConfigError
 
 MESHES = {"one_device": None, "data8": (8, 1, 1), "fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
@@ -38,7 +38,7 @@ def steps(out_dir: str) -> None:
     config = make_short_config()
     config.mode = "dpo"
     tokenizer = data.get_tokenizer(config.data.tokenizer)
-    run_data = run.build_data(config, tokenizer)
+    run_data = build.build_data(config, tokenizer)
     batches = data.TrainBatches(run_data.train, batch_size=config.train.batch_size, seed=0,
                                 buckets=run_data.buckets, pad_id=run_data.pad_id)
     found = {}
@@ -46,9 +46,9 @@ def steps(out_dir: str) -> None:
         devices = jax.devices()[:1] if shape is None else jax.devices()
         axes = dict(zip(sharding.MESH_AXES, shape or (1, 1, 1)))
         mesh = sharding.make_mesh(axes, devices)
-        graphdef, params, model_config = run.build_model(config, tokenizer, mesh)
-        ref_params = run.reference_params(params, "float32")
-        state, train_step, _ = run.compile_stage(config, "dpo", graphdef, "llama", mesh, params, ref_params)
+        graphdef, params, model_config = build.build_model(config, tokenizer, mesh)
+        ref_params = build.reference_params(params, "float32")
+        state, train_step, _ = build.compile_stage(config, "dpo", graphdef, "llama", mesh, params, ref_params)
         losses = []
         for step in range(3):
             state, metrics = train_step(state, ref_params, sharding.global_batch(batches.batch_at(step), mesh))
@@ -65,7 +65,7 @@ def steps(out_dir: str) -> None:
     uneven = make_short_config()
     uneven.train.eval_batch_size = 12  # 8 devices split no batch of 12 rows
     try:
-        run.make_mesh(uneven)
+        build.make_mesh(uneven)
     except ConfigError as error:
         found["uneven_batch_error"] = str(error)
     with open(os.path.join(out_dir, "shardings.json"), "w") as f:

@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import interrupt_stage_at, make_short_config
-from dpo_jax import checkpoint, run
+from dpo_jax import build, checkpoint, run
 from dpo_jax.errors import UserError
 
 
@@ -43,7 +43,7 @@ def test_resume_after_interruption_is_bitwise(tmp_path, monkeypatch, interrupt_s
     resumed = str(tmp_path / "resumed")
 
     with monkeypatch.context() as patch:  # killed after the step-2 checkpoint, before step 4's
-        interrupt_stage_at(patch, config.seed + run.STAGE_DATA_STREAMS[interrupt_stage], 3, Interrupted())
+        interrupt_stage_at(patch, config.seed + build.STAGE_DATA_STREAMS[interrupt_stage], 3, Interrupted())
         with pytest.raises(Interrupted):
             run.train_and_evaluate(config, resumed)
     assert final_state(resumed, interrupt_stage)[0] == 2

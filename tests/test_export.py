@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import HF_FIXTURES, make_short_config
-from dpo_jax import checkpoint, data, export, models, run
+from dpo_jax import build, checkpoint, data, export, models, run
 
 FIXTURE = os.path.join(HF_FIXTURES, "llama")
 
@@ -76,8 +76,8 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     words = data.get_tokenizer("synthetic_words")
     words.save_pretrained(str(tmp_path))
     tokenizer = data.get_tokenizer(config.data.tokenizer)
-    mesh = run.make_mesh(config)
-    run.build_model(config, tokenizer, mesh)  # fits in the checkpoint's 320 ids
+    mesh = build.make_mesh(config)
+    build.build_model(config, tokenizer, mesh)  # fits in the checkpoint's 320 ids
     tokenizer.tokenizer.add_tokens([f"extra{i}" for i in range(300)])
     with pytest.raises(ValueError, match=rf"has {words.vocab_size + 300} ids but the model's vocabulary has 320"):
-        run.build_model(config, tokenizer, mesh)
+        build.build_model(config, tokenizer, mesh)

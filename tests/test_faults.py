@@ -21,7 +21,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from conftest import interrupt_stage_at, make_fault_config, make_short_config
-from dpo_jax import checkpoint, run
+from dpo_jax import build, checkpoint, run
 from dpo_jax.errors import UserError
 from dpo_jax.metrics_writer import read_metrics
 
@@ -272,7 +272,7 @@ def test_a_kill_before_the_first_checkpoint_and_a_torn_line_leave_every_step_log
         pass
 
     with monkeypatch.context() as patch:  # sft step 1 is logged, its first checkpoint is at step 2
-        interrupt_stage_at(patch, config.seed + run.STAGE_DATA_STREAMS["sft"], 1, Killed())
+        interrupt_stage_at(patch, config.seed + build.STAGE_DATA_STREAMS["sft"], 1, Killed())
         with pytest.raises(Killed):
             run.train_and_evaluate(config, workdir)
     assert [r["step"] for r in read_metrics(workdir)] == [1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import make_short_config
-from dpo_jax import reference_cache, run
+from dpo_jax import dry_run, reference_cache, run
 from dpo_jax.config import ConfigError, validate
 from dpo_jax.errors import UserError
 
@@ -123,8 +123,7 @@ def test_sft_then_dpo_builds_the_absent_cache_and_samples_against_the_reloaded_r
 
 def test_the_dry_run_with_a_cache_holds_no_reference(tmp_path):
     config = dpo_config(str(tmp_path / "cache"))
-    config.dry_run = True
-    text = run.train_and_evaluate(config, str(tmp_path / "dry"))["dry_run"]
+    text = dry_run.report(config)
     reference_line = next(line for line in text.splitlines() if "reference params" in line)
     assert "ref.cache: none" in reference_line and reference_line.split()[-2] == "0.00"
     assert "compiled step temporaries" in text  # the step compiles with the cached log-probs in its batch

@@ -21,7 +21,8 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from conftest import make_short_config
-from dpo_jax import checkpoint, data, models, run, sharding
+from dpo_jax import build, checkpoint, data, dry_run, models, run, sharding
+from dpo_jax.config import ConfigError
 from dpo_jax.step import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,8 +124,8 @@ def test_sharded_steps_equal_one_device_and_arrays_are_sharded_as_the_rules_say(
 def final_params(workdir, stage="sft"):
     """The params of `stage`'s latest checkpoint in `workdir`, on this process's one device."""
     config = make_short_config()
-    mesh = run.make_mesh(config)
-    _, params, _ = run.build_model(config, data.get_tokenizer(config.data.tokenizer), mesh)
+    mesh = build.make_mesh(config)
+    _, params, _ = build.build_model(config, data.get_tokenizer(config.data.tokenizer), mesh)
     restored = checkpoint.load_final_params(workdir, stage, checkpoint.abstract(params))
     return {sharding.path_string(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
@@ -245,9 +246,7 @@ def test_dry_run_sizes_gptj_6b_per_device_without_weights_or_allocation(tmp_path
     config.model.path = str(checkpoint_dir)
     config.mesh.update(fsdp=8, device_memory_gb=16.0)  # a mesh larger than this machine
     config.dry_run = True
-    workdir = tmp_path / "run"
-    text = run.train_and_evaluate(config, str(workdir))["dry_run"]
-    assert not workdir.exists()  # nothing written, nothing loaded
+    text = dry_run.report(config)  # nothing loaded: the checkpoint directory holds only config.json
     num_params = 6_050_882_784
     assert f"GPTJConfig with {num_params:,} parameters, 64 pairs × 512 tokens" in text
     assert "{'data': 1, 'fsdp': 8, 'tensor': 1} = 8 devices" in text
@@ -258,11 +257,14 @@ def test_dry_run_sizes_gptj_6b_per_device_without_weights_or_allocation(tmp_path
     assert per_device["reference params (bfloat16)"] == round(2 * num_params / 8 / 2**30, 2)
     assert text.splitlines()[-1].startswith("fits 16 GiB per device: yes")
     config.model.update(remat="none", reference_dtype="float32")
-    assert run.train_and_evaluate(config, str(workdir))["dry_run"].splitlines()[-1].startswith("fits 16 GiB per device: NO")
+    assert dry_run.report(config).splitlines()[-1].startswith("fits 16 GiB per device: NO")
     # A mesh this machine has: the compiled step's own memory analysis too, still from shapes alone.
     small = make_short_config()
-    small.dry_run = True
-    assert "compiled step temporaries (XLA, this machine)" in run.train_and_evaluate(small, str(workdir))["dry_run"]
+    assert "compiled step temporaries (XLA, this machine)" in dry_run.report(small)
+    small.dry_run = True  # the loop refuses it: a dry run is dispatched by python -m dpo_jax.main, and trains nothing
+    with pytest.raises(ConfigError, match="config.dry_run"):
+        run.train_and_evaluate(small, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_mesh_and_batch_settings_that_cannot_work_are_config_errors():
@@ -277,4 +279,4 @@ def test_mesh_and_batch_settings_that_cannot_work_are_config_errors():
         validate(config)
     config.mesh.update(data=2, fsdp=1)  # this process has one device
     with pytest.raises(ConfigError, match=r"needs 2 devices; there are 1"):
-        run.make_mesh(config)
+        build.make_mesh(config)

@@ -134,8 +134,7 @@ def probe(workdir: str, max_pairs: int = 256, words: str = "") -> None:
     import jax.numpy as jnp
     import ml_collections
 
-    from dpo_jax import checkpoint, data, models, sharding
-    from dpo_jax import run as runlib
+    from dpo_jax import build, checkpoint, data, models, sharding
     from dpo_jax.data import synthetic
 
     if words:  # the run's task had other completion lengths (run --words)
@@ -143,7 +142,7 @@ def probe(workdir: str, max_pairs: int = 256, words: str = "") -> None:
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     tokenizer = data.get_tokenizer(config.data.tokenizer)
-    model_config = runlib.model_config_of(config, tokenizer.vocab_size)
+    model_config = build.model_config_of(config, tokenizer.vocab_size)
     graphdef, abstract = models.abstract_model(model_config)
     mesh = sharding.make_mesh(config.mesh)
     abstract = sharding.abstract_params(abstract, models.family_of(model_config).name, mesh)
