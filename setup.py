@@ -39,5 +39,6 @@ setup(
             "ipykernel",
         ],
         "notebooks": ["ipywidgets", "jupyter"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9"],  # the site from mkdocs.yml; tests/test_docs.py builds it
     },
 )

@@ -3,7 +3,7 @@
 A paired loss maps a `PairLogps` (summed completion log-probs of the policy and the reference for chosen y_w and
 rejected y_l, and the completion lengths) plus `LossParams` to one loss per pair; an unpaired loss (KTO) maps an
 `UnpairedLogps` (one completion per example, its desirable/undesirable label, and the log-probs of mismatched
-prompt/completion pairs for the reference point) to one loss per example. Notation (DESIGN.md):
+prompt/completion pairs for the reference point) to one loss per example. Notation (docs/design.md):
 h = log π_θ(y|x) − log π_ref(y|x), Δ = h_w − h_l, implicit reward r̂ = β·h. `−log σ(x)` is computed as
 `softplus(−x)` for stability.
 
@@ -142,7 +142,7 @@ def unweighted(logps: PairLogps, p: LossParams) -> jax.Array:
 
 @register_loss("rdpo")
 def rdpo(logps: PairLogps, p: LossParams) -> jax.Array:
-    """−log σ(βΔ + α(|y_w| − |y_l|)): length-regularised DPO as written in DESIGN.md."""
+    """−log σ(βΔ + α(|y_w| − |y_l|)): length-regularised DPO as written in docs/design.md."""
     length_gap = (logps.chosen_lengths - logps.rejected_lengths).astype(jnp.float32)
     return _neg_log_sigmoid(p.beta * log_ratio_margin(logps) + p.alpha * length_gap)
 
