@@ -61,7 +61,7 @@ def main() -> None:
     batches = data.TrainBatches(examples, batch_size=64, seed=0, buckets=data.length_buckets(512), pad_id=0)
     iterator = batches.iterator()
     first = next(iterator)
-    print(f"batch shape: {first['chosen_tokens'].shape} (chosen; rejected the same)")
+    print(f"batch shape: {first.chosen.tokens_BxT.shape} (chosen; rejected the same)")
     started = time.perf_counter()
     for _ in range(args.batches):
         next(iterator)

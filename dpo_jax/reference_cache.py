@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax import data
 from dpo_jax.errors import UserError
 
 KEY_FILE = "key.json"
@@ -109,14 +110,16 @@ def exists(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, KEY_FILE))
 
 
-def compute(logps_fn: Callable[[dict], tuple[list, list]], batches: Iterable[dict], count: int) -> dict[str, np.ndarray]:
+def compute(
+    logps_fn: Callable[[data.Batch], tuple[list, list]], batches: Iterable[data.Batch], count: int
+) -> dict[str, np.ndarray]:
     """π_ref's {"chosen", "rejected"} log-probs [count] over `batches` (every example once in order, the last batch
     padded with weight-0 rows) from `logps_fn(batch) -> ([chosen, rejected], lengths)` on the host; ValueError
     if any is not finite."""
     chosen, rejected = [], []
     for batch in batches:
         (c, r), _ = logps_fn(batch)
-        keep = np.asarray(batch["weight"]) > 0
+        keep = np.asarray(batch.weight) > 0
         chosen.append(np.asarray(c)[keep])
         rejected.append(np.asarray(r)[keep])
     out = {"chosen": np.concatenate(chosen).astype(np.float32), "rejected": np.concatenate(rejected).astype(np.float32)}
@@ -141,14 +144,12 @@ def write(directory: str, key: Mapping[str, str], values: Mapping[str, Mapping[s
     os.rename(staging, directory)
 
 
-def attach(directory: str, split: str, examples):
-    """`examples` (a data.Examples of paired examples) carrying the cache's reference_chosen / reference_rejected;
-    StaleReferenceCache if the cache's split has another number of examples."""
+def attach(directory: str, split: str, examples: data.Examples) -> data.Examples:
+    """`examples` (paired) carrying the cache's π_ref log-probs, which their batches then hold
+    (`data.with_reference_logps`); StaleReferenceCache if the cache's split has another number of examples."""
     with np.load(os.path.join(directory, f"{split}.npz")) as arrays:
         chosen, rejected = arrays["chosen"], arrays["rejected"]
     if len(chosen) != len(examples):
         raise StaleReferenceCache(f"ref.cache = {directory!r}: its {split} split has {len(chosen)} examples, this "
                                   f"run's has {len(examples)}")
-    encoded = [{**e, "reference_chosen": float(c), "reference_rejected": float(r)}
-               for e, c, r in zip(examples.encoded, chosen, rejected)]
-    return dataclasses.replace(examples, encoded=encoded)
+    return dataclasses.replace(examples, encoded=data.with_reference_logps(examples.encoded, chosen, rejected))

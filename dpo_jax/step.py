@@ -15,18 +15,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import losses
+from dpo_jax import data, losses
 from dpo_jax.logprobs import gathered_logprobs, sequence_logprobs, slot_sums
 from dpo_jax.models import apply_model
 
-Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
 class StepShardings:
     """Where the step's inputs and outputs live (sharding.py builds them): the train state's and the reference
-    params' NamedSharding trees, the batch's, and the replicated one of scalars and metrics."""
+    params' NamedSharding trees, the batch's (one NamedSharding for every leaf of a data.Batch, each [B, ...]), and
+    the replicated one of scalars and metrics."""
 
     state: Any
     ref_params: Any  # None when the loss uses no reference
@@ -46,37 +46,47 @@ class TrainState(flax.struct.PyTreeNode):
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def make_sequence_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[list, list]]:
-    """`sequence_logps(params, batch, keys, scope="policy") -> ([Σ log-probs [B] per key], [lengths [B] per key])`
-    for keys ("chosen", "rejected"), ("completion",) or ("kl",), from one forward of their rows in any layout of
-    data/pipeline.py (a row per completion or shared-prompt rows; scored at every position or completion-only)."""
+def make_sequence_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """`sequence_logps(params, rows, num_slots=1, scope="policy") -> (Σ log-probs [B, K], lengths [B, K])` of the K
+    completions in each of `rows` (a data.Rows), from one forward: scored at every position (`loss_mask_BxT`) or at
+    the completion-only block's positions alone."""
 
-    def sequence_logps(params, batch, keys, scope="policy"):
-        shared = tuple(keys) == ("chosen", "rejected") and "pair_tokens" in batch
-        rows = ("pair",) if shared else keys
-
-        def stacked(name):
-            return jnp.concatenate([batch[f"{row}_{name}"] for row in rows]) if f"{rows[0]}_{name}" in batch else None
-
-        tokens = stacked("tokens")
+    def sequence_logps(params, rows: data.Rows, num_slots: int = 1, scope: str = "policy"):
         with jax.named_scope(scope):
-            hidden, logits_fn = apply_model(graphdef, params, tokens, stacked("positions"), None, stacked("branch_ids"))
-            if f"{rows[0]}_targets" in batch:  # completion-only: the LM head at the scored positions alone
-                logps = gathered_logprobs(hidden, logits_fn, stacked("sources"), stacked("targets"), chunk_size)
-                sums, counts = slot_sums(logps, stacked("slots"), num_slots=2 if shared else 1)
-            else:
-                sums, counts = (x[:, None] for x in sequence_logprobs(
-                    hidden, logits_fn, tokens, stacked("loss_mask"), chunk_size))
-        if shared:
-            return [sums[:, 0], sums[:, 1]], [counts[:, 0], counts[:, 1]]
-        return jnp.split(sums[:, 0], len(keys)), jnp.split(counts[:, 0], len(keys))
+            hidden, logits_fn = apply_model(graphdef, params, rows.tokens_BxT, rows.positions_BxT, None,
+                                            rows.branch_ids_BxT)
+            if rows.completion_only:  # the LM head at the scored positions alone
+                logps_BxN = gathered_logprobs(hidden, logits_fn, rows.sources_BxN, rows.targets_BxN, chunk_size)
+                return slot_sums(logps_BxN, rows.slots_BxN, num_slots)
+            sums_B, lengths_B = sequence_logprobs(hidden, logits_fn, rows.tokens_BxT, rows.loss_mask_BxT, chunk_size)
+            return sums_B[:, None], lengths_B[:, None]
 
     return sequence_logps
 
 
+def make_pair_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[list, list]]:
+    """`pair_logps(params, batch, scope="policy") -> ([Σ log-probs chosen, rejected] [B], [their lengths] [B])` of a
+    paired batch from one forward: its chosen and rejected rows stacked (PairedBatch), or its shared-prompt rows
+    scoring both completions (SharedPromptBatch)."""
+    sequence_logps = make_sequence_logps(graphdef, chunk_size)
+
+    def pair_logps(params, batch: data.PairedBatch | data.SharedPromptBatch, scope: str = "policy"):
+        if isinstance(batch, data.SharedPromptBatch):
+            sums_Bx2, lengths_Bx2 = sequence_logps(params, batch.rows, 2, scope)
+            return [sums_Bx2[:, 0], sums_Bx2[:, 1]], [lengths_Bx2[:, 0], lengths_Bx2[:, 1]]
+        if not isinstance(batch, data.PairedBatch):
+            raise TypeError(f"pair_logps takes a data.PairedBatch or data.SharedPromptBatch, got "
+                            f"{type(batch).__name__}")
+        rows = jax.tree.map(lambda chosen, rejected: jnp.concatenate([chosen, rejected]), batch.chosen, batch.rejected)
+        sums_2Bx1, lengths_2Bx1 = sequence_logps(params, rows, 1, scope)
+        return jnp.split(sums_2Bx1[:, 0], 2), jnp.split(lengths_2Bx1[:, 0], 2)
+
+    return pair_logps
+
+
 def make_loss_fn(
     graphdef: Any, loss_name: str, loss_params: losses.LossParams, chunk_size: int
-) -> Callable[[Any, Any, Batch], tuple[jax.Array, Metrics]]:
+) -> Callable[[Any, Any, data.Batch], tuple[jax.Array, Metrics]]:
     """`loss_fn(params, ref_params, batch) -> (loss, metrics)` for a paired batch (chosen and rejected in one
     forward) or an unpaired one (completions; for KTO also the mismatched kl rows, forwarded without gradient).
 
@@ -86,42 +96,57 @@ def make_loss_fn(
     use_reference = losses.uses_reference(loss_name, loss_params)
     needs_kl = losses.get_loss(loss_name).data == "unpaired"
     sequence_logps = make_sequence_logps(graphdef, chunk_size)
+    pair_logps = make_pair_logps(graphdef, chunk_size)
 
-    def reference_logps(ref_params, batch, keys, like):
-        if not use_reference:
-            return [jnp.zeros_like(like)] * len(keys)
-        if all(f"reference_{key}" in batch for key in keys):  # cached: no reference forward
-            return [batch[f"reference_{key}"] for key in keys]
+    def frozen_reference(ref_params, batch):
         if ref_params is None:
-            raise ValueError(f"loss {loss_name!r} needs π_ref: pass ref_params, or a batch with cached reference "
-                             f"log-probs ({', '.join(f'reference_{key}' for key in keys)})")
-        return sequence_logps(jax.lax.stop_gradient(ref_params), batch, keys, "reference")[0]
+            cached = ("or a batch with cached reference log-probs (reference_chosen, reference_rejected)"
+                      if isinstance(batch, data.PAIRED_BATCHES) else "(unpaired batches carry no cached log-probs)")
+            raise ValueError(f"loss {loss_name!r} needs π_ref: pass ref_params, {cached}")
+        return jax.lax.stop_gradient(ref_params)
+
+    def paired_logps(params, ref_params, batch):
+        (policy_chosen, policy_rejected), (chosen_lengths, rejected_lengths) = pair_logps(params, batch, "policy")
+        if not use_reference:
+            reference_chosen = reference_rejected = jnp.zeros_like(policy_chosen)
+        elif batch.reference_chosen is not None and batch.reference_rejected is not None:  # cached: no forward
+            reference_chosen, reference_rejected = batch.reference_chosen, batch.reference_rejected
+        else:
+            reference = frozen_reference(ref_params, batch)
+            (reference_chosen, reference_rejected), _ = pair_logps(reference, batch, "reference")
+        return losses.PairLogps(
+            policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths, rejected_lengths
+        )
+
+    def unpaired_logps(params, ref_params, batch):
+        def reference(rows, like):
+            if not use_reference:
+                return jnp.zeros_like(like)
+            return sequence_logps(frozen_reference(ref_params, batch), rows, 1, "reference")[0][:, 0]
+
+        policy_Bx1, lengths_Bx1 = sequence_logps(params, batch.completion, 1, "policy")
+        policy = policy_Bx1[:, 0]
+        reference_logps = reference(batch.completion, policy)
+        kl_policy = kl_reference = jnp.zeros_like(policy)
+        if needs_kl:
+            kl_policy = sequence_logps(jax.lax.stop_gradient(params), batch.kl, 1, "policy_kl")[0][:, 0]
+            kl_reference = reference(batch.kl, policy)
+        return losses.UnpairedLogps(policy, reference_logps, kl_policy, kl_reference, lengths_Bx1[:, 0], batch.label)
 
     def loss_fn(params, ref_params, batch):
-        if "chosen_tokens" in batch or "pair_tokens" in batch:
-            (policy_chosen, policy_rejected), (chosen_lengths, rejected_lengths) = sequence_logps(
-                params, batch, ("chosen", "rejected"), "policy"
-            )
-            reference_chosen, reference_rejected = reference_logps(
-                ref_params, batch, ("chosen", "rejected"), policy_chosen
-            )
-            logps = losses.PairLogps(
-                policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths, rejected_lengths
-            )
+        if isinstance(batch, data.PAIRED_BATCHES):
+            logps = paired_logps(params, ref_params, batch)
+        elif isinstance(batch, data.UnpairedBatch):
+            logps = unpaired_logps(params, ref_params, batch)
         else:
-            (policy,), (lengths,) = sequence_logps(params, batch, ("completion",), "policy")
-            (reference,) = reference_logps(ref_params, batch, ("completion",), policy)
-            kl_policy = kl_reference = jnp.zeros_like(policy)
-            if needs_kl:
-                (kl_policy,), _ = sequence_logps(jax.lax.stop_gradient(params), batch, ("kl",), "policy_kl")
-                (kl_reference,) = reference_logps(ref_params, batch, ("kl",), policy)
-            logps = losses.UnpairedLogps(policy, reference, kl_policy, kl_reference, lengths, batch["label"])
-        return losses.loss_and_metrics(loss_name, logps, loss_params, batch.get("weight"))
+            raise TypeError(f"loss_fn takes a data.PairedBatch, data.SharedPromptBatch or data.UnpairedBatch, got "
+                            f"{type(batch).__name__}")
+        return losses.loss_and_metrics(loss_name, logps, loss_params, batch.weight)
 
     return loss_fn
 
 
-def _split_micro_batches(batch: Batch, num_micro_batches: int) -> Batch:
+def _split_micro_batches(batch: data.Batch, num_micro_batches: int) -> data.Batch:
     """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i + k, ...: each device's block of rows feeds every
     micro-batch, so a batch sharded over devices needs no resharding to be scanned."""
     return jax.tree.map(lambda x: x.reshape(-1, num_micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -133,7 +158,7 @@ def make_train_step(
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
     shardings: StepShardings | None = None,
-) -> Callable[[TrainState, Any, Batch], tuple[TrainState, Metrics]]:
+) -> Callable[[TrainState, Any, data.Batch], tuple[TrainState, Metrics]]:
     """The jit-compiled, state-donating step; `grad_accum_steps` micro-batches average to the full-batch gradient.
     With `shardings`, compiled for them: state and reference params as the partition rules say, the batch split
     over the data axes, metrics replicated.
@@ -159,7 +184,7 @@ def make_train_step(
         totals, _ = jax.lax.scan(accumulate, zeros, micro_batches)
         return jax.tree.map(lambda x: x / grad_accum_steps, totals)
 
-    def train_step(state: TrainState, ref_params: Any, batch: Batch):
+    def train_step(state: TrainState, ref_params: Any, batch: data.Batch):
         grads, metrics = gradients(state.params, ref_params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         grad_norm = optax.tree.norm(grads)
@@ -186,13 +211,15 @@ def make_train_step(
 
 def make_eval_step(
     loss_fn: Callable, shardings: StepShardings | None = None
-) -> Callable[[Any, Any, Batch], tuple[Metrics, jax.Array]]:
+) -> Callable[[Any, Any, data.Batch], tuple[Metrics, jax.Array]]:
     """Jit-compiled `(params, ref_params, batch) -> (weighted-mean metrics, weight sum)`, for `shardings` if given
     (params sharded as the train state's)."""
 
     def eval_step(params, ref_params, batch):
         _, metrics = loss_fn(params, ref_params, batch)
-        return metrics, batch["weight"].sum()
+        if batch.weight is None:
+            raise ValueError("eval_step takes a batch with `weight` (data.eval_batches gives one)")
+        return metrics, batch.weight.sum()
 
     if shardings is None:
         return jax.jit(eval_step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -95,7 +96,7 @@ def test_encoded_pair_mask_eos_padding():
     assert not out["truncated"] and out["prompt"].tolist() == p
     batch = rows(out, 12)
     for key, text in (("chosen", ex["chosen"]), ("rejected", ex["rejected"])):
-        tokens, mask = batch[f"{key}_tokens"][0], batch[f"{key}_loss_mask"][0]
+        tokens, mask = getattr(batch, key).tokens_BxT[0], getattr(batch, key).loss_mask_BxT[0]
         assert tokens.dtype == np.int32 and mask.dtype == np.float32 and tokens.shape == mask.shape == (12,)
         c = TOK.encode(text) + [EOS]
         n = len(p) + len(c)
@@ -128,7 +129,7 @@ def test_completions_cut_to_max_length_minus_max_prompt_length_as_reference_code
     ex = {"prompt": "review of the", "chosen": "great really and loved the was", "rejected": "awful"}
     out = encode(ex, max_length=8, max_prompt_length=5)
     assert TOK.decode(out["prompt"]) == "review of the" and TOK.decode(out["chosen"]) == "great really and"
-    assert rows(out, 8)["chosen_loss_mask"][0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert rows(out, 8).chosen.loss_mask_BxT[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
     assert len(out["rejected"]) == 2 and out["truncated"]
 
 
@@ -182,7 +183,7 @@ def test_mask_property(prompt, chosen, rejected, max_length, data_, mode):
     longer = max(len(chosen), len(rejected)) + 1
     kept = len(prompt) if len(prompt) + longer <= max_length else min(len(prompt), max_prompt_length)
     for key, words in (("chosen", chosen), ("rejected", rejected)):
-        tokens, mask = batch[f"{key}_tokens"][0], batch[f"{key}_loss_mask"][0]
+        tokens, mask = getattr(batch, key).tokens_BxT[0], getattr(batch, key).loss_mask_BxT[0]
         n = int(mask.sum())
         fits = kept + longer <= max_length
         assert n == (len(words) + 1 if fits else min(len(words) + 1, max_length - max_prompt_length)) >= 1
@@ -291,7 +292,7 @@ def test_scan_skips_and_counts_bad_records_or_stops_on_the_first_when_strict(cap
 
 def ids(batch):
     """Each batch row as a hashable key."""
-    return [r.tobytes() + s.tobytes() for r, s in zip(batch["chosen_tokens"], batch["rejected_tokens"])]
+    return [r.tobytes() + s.tobytes() for r, s in zip(batch.chosen.tokens_BxT, batch.rejected.tokens_BxT)]
 
 
 def test_train_batches_deterministic_epochs_resumable_and_sharded():
@@ -325,18 +326,20 @@ def test_batches_pad_to_the_smallest_bucket_that_fits():
     assert data.length_buckets(64, (16, 100)) == (16, 64)
     short = encode({"prompt": "review of the film :", "chosen": "great", "rejected": "awful"}, max_length=16)
     long = encode({"prompt": "review of the film :", "chosen": "great " * 9, "rejected": "awful"}, max_length=16)
-    assert collate([short, short], (8, 16), PAD)["chosen_tokens"].shape == (2, 8)
-    assert collate([short, long], (8, 16), PAD)["chosen_tokens"].shape == (2, 16)
+    assert collate([short, short], (8, 16), PAD).chosen.tokens_BxT.shape == (2, 8)
+    assert collate([short, long], (8, 16), PAD).chosen.tokens_BxT.shape == (2, 16)
+    with pytest.raises(ValueError, match="longer than the longest length bucket 8"):
+        collate([short, long], (8,), PAD)
 
 
 def test_eval_batches_cover_each_example_once_by_weight():
     examples = scanned(10)
     batches = list(data.eval_batches(examples, 4, (16,), PAD))
-    assert len(batches) == 3 and all(b["chosen_tokens"].shape == (4, 16) for b in batches)
+    assert len(batches) == 3 and all(b.chosen.tokens_BxT.shape == (4, 16) for b in batches)
     expected = ids(collate(examples.encoded, (16,), PAD))
-    seen = [key for b in batches for key, w in zip(ids(b), b["weight"]) if w]
+    seen = [key for b in batches for key, w in zip(ids(b), b.weight) if w]
     assert seen == expected
-    assert batches[-1]["weight"].tolist() == [1, 1, 0, 0] and batches[-1]["weight"].dtype == np.float32
+    assert batches[-1].weight.tolist() == [1, 1, 0, 0] and batches[-1].weight.dtype == np.float32
     with pytest.raises(ValueError, match="batch_size"):
         list(data.eval_batches(examples, 11, (16,), PAD))
     with pytest.raises(ValueError, match="batch_size"):
@@ -347,12 +350,45 @@ def test_unpaired_batches_and_pairs_split_for_kto():
     unpaired = data.split_pairs(scanned(3))
     assert not unpaired.paired and len(unpaired) == 6 and [e["label"] for e in unpaired.encoded[:2]] == [True, False]
     batch = collate(unpaired.encoded[:3], (16,), PAD)
-    assert set(batch) == set(data.UNPAIRED_KEYS) and batch["label"].tolist() == [1.0, 0.0, 1.0]
+    assert isinstance(batch, data.UnpairedBatch) and batch.label.tolist() == [1.0, 0.0, 1.0]
     # kl row i pairs prompt i with completion i + 1 (mod 3).
     for i in range(3):
         prompt_length, completion = len(unpaired.encoded[i]["prompt"]), unpaired.encoded[(i + 1) % 3]["completion"]
-        np.testing.assert_array_equal(batch["kl_tokens"][i, prompt_length:prompt_length + len(completion)], completion)
-        assert batch["kl_loss_mask"][i].sum() == len(completion)
+        np.testing.assert_array_equal(batch.kl.tokens_BxT[i, prompt_length:prompt_length + len(completion)],
+                                      completion)
+        assert batch.kl.loss_mask_BxT[i].sum() == len(completion)
+
+
+@pytest.mark.parametrize("layout, paired, batch_type, fields", [
+    (data.Layout(), True, data.PairedBatch, ("chosen", "rejected")),
+    (data.Layout(completion_only=True), True, data.PairedBatch, ("chosen", "rejected")),
+    (data.Layout("shared_prompt"), True, data.SharedPromptBatch, ("rows",)),
+    (data.Layout(), False, data.UnpairedBatch, ("completion", "kl")),
+    (data.Layout("shared_prompt"), False, data.UnpairedBatch, ("completion", "kl")),  # unpaired rows never share
+])
+def test_collate_gives_each_layout_its_batch_type_with_the_batch_axis_first(layout, paired, batch_type, fields):
+    examples = scanned(5) if paired else data.split_pairs(scanned(3))
+    batch = next(data.eval_batches(examples, 5, data.length_buckets(16, pack=layout.pack), PAD, layout))
+    assert type(batch) is batch_type and batch.weight.shape == (5,)
+    for name in fields:
+        rows = getattr(batch, name)
+        assert rows.completion_only == layout.completion_only
+        assert (rows.loss_mask_BxT is None) == (layout.pack == "shared_prompt" and paired)  # shared rows: the block
+        shared = batch_type is data.SharedPromptBatch
+        assert (rows.positions_BxT is not None) == (rows.branch_ids_BxT is not None) == shared
+    leaves = jax.tree.leaves(batch)
+    assert leaves and all(isinstance(x, np.ndarray) and x.shape[0] == 5 for x in leaves)
+    # Cached π_ref log-probs ride with paired examples into their batches.
+    if paired:
+        cached = data.with_reference_logps(examples.encoded, np.arange(5.0), -np.arange(5.0))
+        batch = collate(cached, (16, 32), PAD, layout=layout)
+        assert batch.reference_chosen.tolist() == [0, 1, 2, 3, 4] and batch.reference_rejected.dtype == np.float32
+        assert batch.reference_rejected.tolist() == [0, -1, -2, -3, -4]
+        with pytest.raises(ValueError, match="4 chosen and 5 rejected values for 5 examples"):
+            data.with_reference_logps(examples.encoded, np.zeros(4), np.zeros(5))
+    else:
+        with pytest.raises(ValueError, match="for paired examples"):
+            data.with_reference_logps(examples.encoded, np.zeros(6), np.zeros(6))
 
 
 _text = st.one_of(

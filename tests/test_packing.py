@@ -40,7 +40,7 @@ def make_model(family, seed=0):
 def test_every_layout_gives_the_plain_log_probs(family):
     graphdef, params = make_model(family)
     examples = random_pairs()
-    sequence_logps = jax.jit(lambda p, b: step.make_sequence_logps(graphdef, chunk_size=5)(p, b, ("chosen", "rejected")))
+    sequence_logps = jax.jit(step.make_pair_logps(graphdef, chunk_size=5))
     expected = np.asarray(sequence_logps(params, batch_of(examples, PLAIN)))
     assert expected[1].tolist() == [[len(e[k]) for e in examples] for k in ("chosen", "rejected")]  # the lengths
     for name, layout in LAYOUTS.items():
@@ -67,14 +67,16 @@ def test_shared_prompt_rows_hold_both_completions_after_one_prompt():
     example = {"prompt": np.array([5, 6, 7], np.int32), "chosen": np.array([8, 9], np.int32),
                "rejected": np.array([10, 11, 12], np.int32)}
     batch = data.collate([example], (10,), pad_id=0, layout=data.Layout("shared_prompt"))
-    assert batch["pair_tokens"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 0, 0]]
-    assert batch["pair_positions"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 0]]  # rejected continues the prompt
-    assert batch["pair_branch_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 3, 3]]
+    assert isinstance(batch, data.SharedPromptBatch)
+    rows = batch.rows
+    assert rows.tokens_BxT.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 0, 0]]
+    assert rows.positions_BxT.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 0]]  # rejected continues the prompt
+    assert rows.branch_ids_BxT.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 3, 3]]
     # Both completions' first tokens are predicted from the prompt's last position (2); the block pads to 8.
-    assert batch["pair_targets"].tolist() == [[8, 9, 10, 11, 12, 0, 0, 0]]
-    assert batch["pair_sources"].tolist() == [[2, 3, 2, 5, 6, 0, 0, 0]]
-    assert batch["pair_slots"].tolist() == [[0, 0, 1, 1, 1, -1, -1, -1]]
-    assert "chosen_tokens" not in batch
+    assert rows.targets_BxN.tolist() == [[8, 9, 10, 11, 12, 0, 0, 0]]
+    assert rows.sources_BxN.tolist() == [[2, 3, 2, 5, 6, 0, 0, 0]]
+    assert rows.slots_BxN.tolist() == [[0, 0, 1, 1, 1, -1, -1, -1]]
+    assert rows.loss_mask_BxT is None and batch.reference_chosen is None and batch.weight is None
 
 
 def test_attention_branches_see_the_prompt_and_themselves_only():
@@ -99,7 +101,7 @@ def test_completion_only_kto_equals_all_positions():
         for layout in (PLAIN, data.Layout("shared_prompt"))  # shared_prompt: unpaired rows stay one per completion
     )
     batch = data.collate(examples, (24,), 0, layout=data.Layout("shared_prompt"))
-    assert "completion_targets" in batch and "kl_targets" in batch and "pair_tokens" not in batch
+    assert isinstance(batch, data.UnpairedBatch) and batch.completion.completion_only and batch.kl.completion_only
     np.testing.assert_allclose(loss_co, loss, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(grads_co), jax.tree.leaves(grads)):
         assert float(jnp.abs(got - want).max()) <= 1e-4 * (float(jnp.abs(want).max()) + 1e-12)
@@ -114,11 +116,13 @@ def test_shared_prompt_shards_agree_on_shapes_across_processes():
     shares = [data.TrainBatches(examples, batch_size=8, seed=1, buckets=buckets, pad_id=0, layout=layout,
                                 process_index=p, process_count=2) for p in range(2)]
     for step_index in range(3):
-        full = whole.batch_at(step_index)
-        parts = [s.batch_at(step_index) for s in shares]
-        for key, value in full.items():
-            assert all(part[key].shape == (4, *value.shape[1:]) for part in parts), key
-            np.testing.assert_array_equal(np.stack([parts[0][key], parts[1][key]], 1).reshape(value.shape), value)
+        paths, _ = jax.tree_util.tree_flatten_with_path(whole.batch_at(step_index))
+        parts = [jax.tree.leaves(s.batch_at(step_index)) for s in shares]
+        assert len(paths) == len(parts[0]) == len(parts[1]) == 6  # tokens, positions, branch ids and the block
+        for (path, value), first, second in zip(paths, *parts):
+            key = jax.tree_util.keystr(path)
+            assert first.shape == second.shape == (4, *value.shape[1:]), key
+            np.testing.assert_array_equal(np.stack([first, second], 1).reshape(value.shape), value, err_msg=key)
 
 
 def test_length_buckets_for_shared_rows_reach_twice_max_length():

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from dpo_jax import losses, models, optimizer, step
+from dpo_jax import data, losses, models, optimizer, step
 from dpo_jax.logprobs import sequence_logprobs
 from dpo_jax.models import apply_model, config_from_section, model_from_config, split_params
 
@@ -30,8 +30,9 @@ def make_model(config, seed=0):
 
 
 def random_batch(seed=0, pairs=PAIRS):
+    """A PairedBatch of random rows (prompt 2-4 tokens, completion 1-5), scored at every position."""
     rng = np.random.default_rng(seed)
-    batch = {}
+    rows = {}
     for key in ("chosen", "rejected"):
         tokens = rng.integers(3, VOCAB, (pairs, LENGTH)).astype(np.int32)
         mask = np.zeros((pairs, LENGTH), np.float32)
@@ -39,8 +40,8 @@ def random_batch(seed=0, pairs=PAIRS):
             prompt, completion = rng.integers(2, 5), rng.integers(1, 6)
             mask[i, prompt : prompt + completion] = 1
             tokens[i, prompt + completion :] = 0  # right padding
-        batch[f"{key}_tokens"], batch[f"{key}_loss_mask"] = tokens, mask
-    return jax.tree.map(jnp.asarray, batch)
+        rows[key] = data.Rows(tokens_BxT=jnp.asarray(tokens), loss_mask_BxT=jnp.asarray(mask))
+    return data.PairedBatch(**rows)
 
 
 def perturbed(params, seed=1, scale=0.05):
@@ -74,7 +75,8 @@ def test_gradient_equals_papers_closed_form(loss_name):
         logp = {}
         grad_logp = {}
         for key in ("chosen", "rejected"):
-            tokens, mask = batch[f"{key}_tokens"][i : i + 1], batch[f"{key}_loss_mask"][i : i + 1]
+            rows = getattr(batch, key)
+            tokens, mask = rows.tokens_BxT[i : i + 1], rows.loss_mask_BxT[i : i + 1]
             logp[key], grad_logp[key] = logp_and_grad(params, tokens, mask)
             logp[key] -= ref_logp(tokens, mask)
         weight = jax.nn.sigmoid(beta * (logp["rejected"] - logp["chosen"])) if loss_name == "dpo" else 1.0
@@ -125,23 +127,44 @@ def test_reference_params_frozen_and_outside_optimizer_state():
     assert set(metrics) >= {"loss", "grad_norm", "learning_rate", "rewards/accuracies", "logps/chosen"}
 
 
-def test_gradient_accumulation_equals_large_batch():
+def test_each_batch_type_trains_in_micro_batches_and_evaluates_by_weight():
+    """The step takes every layout's batch type (data.collate's), split into micro-batches over its pytree: paired
+    rows in 2 micro-batches, and shared-prompt rows in 2, train to the params and metrics of the paired batch in one;
+    unpaired (KTO) rows train and evaluate by weight; anything else is refused by name."""
     config = tiny_config()
     graphdef, params = make_model(config)
     ref_params = perturbed(params)
-    batch = random_batch(3)
-    results = []
-    for accum in (1, 4):
-        tx, train_step = make_step(config, graphdef, grad_accum_steps=accum)
-        state = step.TrainState.create(jax.tree.map(jnp.copy, params), tx)
-        for _ in range(2):
-            state, metrics = train_step(state, ref_params, batch)
-        results.append((state.params, metrics))
-    (params_full, metrics_full), (params_accum, metrics_accum) = results
-    for a, b in zip(jax.tree.leaves(params_full), jax.tree.leaves(params_accum)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    for name in metrics_full:
-        np.testing.assert_allclose(metrics_full[name], metrics_accum[name], rtol=1e-5, atol=1e-7)
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(3, VOCAB, n).astype(np.int32)  # noqa: E731
+    pairs = [{"prompt": ids(3), "chosen": ids(1 + i % 3), "rejected": ids(2)} for i in range(4)]
+    unpaired = [{"prompt": e["prompt"], "completion": e["chosen"], "label": i % 2 == 0} for i, e in enumerate(pairs)]
+    tx, schedule = optimizer.make_optimizer(config.optimizer, config.dpo)
+    trained = {}
+    for name, loss_name, examples, layout, batch_type, grad_accum_steps in (
+        ("large batch", "dpo", pairs, data.Layout(), data.PairedBatch, 1),
+        ("paired", "dpo", pairs, data.Layout(), data.PairedBatch, 2),
+        ("shared_prompt", "dpo", pairs, data.Layout("shared_prompt"), data.SharedPromptBatch, 2),
+        ("unpaired", "kto", unpaired, data.Layout(), data.UnpairedBatch, 2),
+    ):
+        batch = data.collate(examples, (16,), 0, layout=layout)
+        assert type(batch) is batch_type, name
+        loss_fn = step.make_loss_fn(graphdef, loss_name, losses.LossParams(beta=0.1), 128)
+        train_step = step.make_train_step(loss_fn, tx, schedule, grad_accum_steps)
+        state, metrics = train_step(step.TrainState.create(jax.tree.map(jnp.copy, params), tx), ref_params, batch)
+        assert int(state.step) == 1 and float(metrics["skipped"]) == 0 and np.isfinite(metrics["loss"]), name
+        trained[name] = state.params, metrics
+    for name in ("paired", "shared_prompt"):
+        for got, want in zip(jax.tree.leaves(trained[name]), jax.tree.leaves(trained["large batch"])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    weighted = batch.replace(weight=np.array([1, 1, 1, 0], np.float32))
+    means, weight_sum = jax.jit(step.make_eval_step(loss_fn))(params, ref_params, weighted)
+    assert float(weight_sum) == 3 and np.isfinite(means["loss"])
+    with pytest.raises(ValueError, match="eval_step takes a batch with `weight`"):
+        step.make_eval_step(loss_fn)(params, ref_params, batch)
+    with pytest.raises(ValueError, match=r"needs π_ref: pass ref_params, \(unpaired batches carry no cached"):
+        loss_fn(params, None, batch)
+    with pytest.raises(TypeError, match="PairedBatch, data.SharedPromptBatch or data.UnpairedBatch, got dict"):
+        loss_fn(params, ref_params, {"chosen_tokens": np.zeros((4, 16), np.int32)})
 
 
 def test_learning_rate_schedule_warmup_then_constant_or_cosine():
@@ -160,9 +183,10 @@ def test_a_non_finite_step_changes_neither_params_nor_optimizer_state(poison):
     graphdef, params = make_model(config)
     loss_fn = step.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128)
 
-    def poisoned_loss_fn(params, ref_params, batch):
+    def poisoned_loss_fn(params, ref_params, batch_and_poison):
+        batch, poison_now = batch_and_poison
         loss, metrics = loss_fn(params, ref_params, batch)
-        nan = jnp.where(batch["poison"], jnp.nan, 0.0)
+        nan = jnp.where(poison_now, jnp.nan, 0.0)
         if poison == "loss":  # a NaN loss whose gradient stays finite
             return loss + jax.lax.stop_gradient(nan), {**metrics, "loss": metrics["loss"] + nan}
         return loss + nan * jax.tree.leaves(params)[0].sum(), metrics  # finite loss metric, NaN gradient
@@ -171,13 +195,13 @@ def test_a_non_finite_step_changes_neither_params_nor_optimizer_state(poison):
     train_step = step.make_train_step(poisoned_loss_fn, tx, schedule)
     ref_params = perturbed(params)
     state = step.TrainState.create(jax.tree.map(jnp.copy, params), tx)
-    state, _ = train_step(state, ref_params, {**random_batch(0), "poison": jnp.array(False)})
+    state, _ = train_step(state, ref_params, (random_batch(0), jnp.array(False)))
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
-    state, metrics = train_step(state, ref_params, {**random_batch(1), "poison": jnp.array(True)})
+    state, metrics = train_step(state, ref_params, (random_batch(1), jnp.array(True)))
     assert int(state.step) == 2 and float(metrics["skipped"]) == 1.0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, np.asarray(b))
-    state, metrics = train_step(state, ref_params, {**random_batch(2), "poison": jnp.array(False)})
+    state, metrics = train_step(state, ref_params, (random_batch(2), jnp.array(False)))
     assert float(metrics["skipped"]) == 0.0
     assert not np.array_equal(jax.tree.leaves(before[0])[0], np.asarray(jax.tree.leaves(state.params)[0]))
 

@@ -1,17 +1,20 @@
 """Preference data: sources, records, tokenisation (the only place its rules live) and Grain batching.
 
-sources.py names the sources (synthetic, files, the paper's TFDS datasets) and gives a split's records;
+sources.py names the sources (synthetic, files, the paper's TFDS datasets) and gives a split's records
+(paper_datasets.py: how each of the paper's raw records becomes one; tfds_sources.py: their TFDS builders);
 records.py is their shape and the reasons a record is bad; tokenize.py turns a record into token ids by the
-reference implementation's rules; pipeline.py scans a split once (skipping or stopping on bad records, with a
-report) and feeds the step through Grain.
+reference implementation's rules; batch.py is the batch the step takes (a typed pytree per layout) and `collate`,
+which builds it; pipeline.py scans a split once (skipping or stopping on bad records, with a report) and feeds the
+step through Grain.
 """
 
 from __future__ import annotations
 
-from dpo_jax.data.pipeline import (
-    PACKS, UNPAIRED_KEYS, Examples, Layout, TrainBatches, collate, eval_batches,
-    length_buckets, scan, split_pairs,
+from dpo_jax.data.batch import (
+    PACKS, PAIRED_BATCHES, REFERENCE_KEYS, Batch, Layout, PairedBatch, Rows, SharedPromptBatch, UnpairedBatch,
+    collate, with_reference_logps,
 )
+from dpo_jax.data.pipeline import Examples, TrainBatches, eval_batches, length_buckets, scan, split_pairs
 from dpo_jax.data.records import PAIRED_FIELDS, REASONS, UNPAIRED_FIELDS, BadRecord
 from dpo_jax.data.sources import SOURCES, TFDS_SOURCES, ground_truth_reward_fn, load_split
 from dpo_jax.data.synthetic import WORDS, ground_truth_reward, make_preference_pairs, make_prompts
@@ -25,9 +28,11 @@ def source_names() -> list[str]:
 
 
 __all__ = [
-    "PACKS", "PAIRED_FIELDS", "REASONS", "SOURCES", "TFDS_SOURCES", "TRUNCATION_MODES", "UNPAIRED_FIELDS",
-    "UNPAIRED_KEYS", "WORDS", "BadRecord", "Examples", "HFTokenizer", "Layout", "TrainBatches", "WordTokenizer",
+    "PACKS", "PAIRED_BATCHES", "PAIRED_FIELDS", "REASONS", "REFERENCE_KEYS", "SOURCES", "TFDS_SOURCES",
+    "TRUNCATION_MODES", "UNPAIRED_FIELDS", "WORDS", "BadRecord", "Batch", "Examples", "HFTokenizer", "Layout",
+    "PairedBatch", "Rows", "SharedPromptBatch", "TrainBatches", "UnpairedBatch", "WordTokenizer",
     "check_tokenizer_name", "check_truncation_args", "collate", "encode_prompts", "encode_record", "eval_batches",
     "get_tokenizer", "ground_truth_reward", "ground_truth_reward_fn", "length_buckets", "load_split",
     "make_preference_pairs", "make_prompts", "scan", "source_names", "split_pairs", "tokenizer_names", "truncate",
+    "with_reference_logps",
 ]
