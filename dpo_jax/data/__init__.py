@@ -11,7 +11,7 @@ step through Grain.
 from __future__ import annotations
 
 from dpo_jax.data.batch import (
-    PACKS, PAIRED_BATCHES, REFERENCE_KEYS, Batch, Layout, PairedBatch, Rows, SharedPromptBatch, UnpairedBatch,
+    PACKS, PAIRED_BATCHES, Batch, Layout, PairedBatch, Rows, SharedPromptBatch, UnpairedBatch,
     collate, with_reference_logps,
 )
 from dpo_jax.data.pipeline import Examples, TrainBatches, eval_batches, length_buckets, scan, split_pairs
@@ -28,7 +28,7 @@ def source_names() -> list[str]:
 
 
 __all__ = [
-    "PACKS", "PAIRED_BATCHES", "PAIRED_FIELDS", "REASONS", "REFERENCE_KEYS", "SOURCES", "TFDS_SOURCES",
+    "PACKS", "PAIRED_BATCHES", "PAIRED_FIELDS", "REASONS", "SOURCES", "TFDS_SOURCES",
     "TRUNCATION_MODES", "UNPAIRED_FIELDS", "WORDS", "BadRecord", "Batch", "Examples", "HFTokenizer", "Layout",
     "PairedBatch", "Rows", "SharedPromptBatch", "TrainBatches", "UnpairedBatch", "WordTokenizer",
     "check_tokenizer_name", "check_truncation_args", "collate", "encode_prompts", "encode_record", "eval_batches",
