@@ -16,13 +16,14 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from dpo_jax import models
 from dpo_jax.errors import CheckpointSaveFailed, NonFiniteTraining, UserError
 
 PARTIAL_MARKER = ".orbax-checkpoint-tmp"  # Orbax writes here and renames on commit: never a complete checkpoint
@@ -70,6 +71,20 @@ def _shape_mismatches(stored: dict, expected: dict) -> list[str]:
         if tuple(stored[p].shape) != tuple(expected[p].shape)
     ]
     return sorted(lines)
+
+
+def _in_stored_form(stored_tree: Any, target: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """(what to restore, how to finish): `target` itself, or, when the checkpoint holds the model's blocks in the
+    other form (unrolled layers restoring into stacked ones, or the reverse: `models.form_change`), `target` in the
+    stored form and the conversion of what is restored back into `target`'s."""
+    change = models.form_change(ocp.tree.to_flat_dict(stored_tree), ocp.tree.to_flat_dict(target))
+    if change is None:
+        return target, lambda restored: restored
+
+    def finish(restored: Any) -> Any:
+        return ocp.tree.from_flat_dict(change.convert(ocp.tree.to_flat_dict(restored)), target=target)
+
+    return ocp.tree.from_flat_dict(change.stored_target, target=stored_tree), finish
 
 
 def is_closed_loop_noise(error: BaseException | None) -> bool:
@@ -135,30 +150,32 @@ class StageCheckpoints:
 
         One that fails to read is reported in one line and moved to `<stage>/corrupt_checkpoints/` (kept, not
         deleted), and the previous step is tried. One whose tensors do not fit `abstract_state` (another model
-        or optimizer) raises UserError naming them: that is the config's doing, not corruption.
+        or optimizer) raises UserError naming them: that is the config's doing, not corruption. One written with the
+        model's blocks in the other form (`scan_layers`) is converted.
         """
-        expected = ocp.tree.to_flat_dict(abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                stored = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"].tree)
+                stored_tree = self.manager.item_metadata(step)["state"].tree
+                stored = ocp.tree.to_flat_dict(stored_tree)
             except Exception as error:  # unreadable metadata: a corrupt step
                 self._set_aside(step, error)
                 continue
-            mismatches = _shape_mismatches(stored, expected)
+            target, finish = _in_stored_form(stored_tree, abstract_state)
+            mismatches = _shape_mismatches(stored, ocp.tree.to_flat_dict(target))
             if mismatches:
                 raise UserError(
                     f"{self.directory}/{step} holds another model or optimizer than this config builds: "
                     f"{'; '.join(mismatches[:5])}{' ...' if len(mismatches) > 5 else ''}. Use a new --workdir, "
                     "or the config the checkpoint was written with"
                 )
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
             with _quiet_unraisable():
                 try:
                     restored = self.manager.restore(step, args=args)
                 except Exception as error:  # missing or truncated files, garbage metadata
                     self._set_aside(step, error)
                     continue
-            return restored["state"], restored["meta"]
+            return finish(restored["state"]), restored["meta"]
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
@@ -233,7 +250,8 @@ def _open_existing(workdir: str, stage: str) -> ocp.CheckpointManager:
     directory = stage_directory(workdir, stage)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no {stage} checkpoints under {directory}")
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}  # to read metadata
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False), item_handlers=handlers)
 
 
 def _pick_step(manager: ocp.CheckpointManager, stage: str, step: int | None) -> int:
@@ -266,16 +284,18 @@ def load_final_params(workdir: str, stage: str, abstract_params: Any, step: int 
     """The params alone of `stage`'s checkpoint at `step` (default: the latest) in `workdir`, e.g. an SFT model
     to use as π_ref, or a run to export.
 
-    A partial restore: the optimizer state on disk is neither read nor required to match ours.
+    A partial restore: the optimizer state on disk is neither read nor required to match ours. Params written with
+    the blocks in the other form (`scan_layers`) are converted.
     """
     manager = _open_existing(workdir, stage)
     try:
         step = _pick_step(manager, stage, step)
-        target = {"params": abstract_params}
+        stored_tree = {"params": manager.item_metadata(step)["state"].tree["params"]}
+        target, finish = _in_stored_form(stored_tree, {"params": abstract_params})
         restore = ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
-        return manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+        return finish(manager.restore(step, args=ocp.args.Composite(state=restore))["state"])["params"]
     finally:
         manager.close()
 

@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
             dtype="float32",
             reference_dtype="float32",  # the frozen π_ref's storage: bfloat16 halves its memory
             remat="none",  # recompute activations in the backward pass: none, block (keep matmuls), full
+            # Blocks stacked and run in one lax.scan, so compile time does not grow with depth; None (auto): from
+            # 8 layers on. Same weights and checkpoints either way (a checkpoint of one form restores into the other).
+            scan_layers=ml_collections.config_dict.placeholder(bool),
         )
     )
     # Devices: a Mesh of data × fsdp × tensor (-1: the rest of the devices); see sharding.py.
@@ -233,6 +236,8 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _choice(config, "model.dtype", models.COMPUTE_DTYPES)
     _choice(config, "model.reference_dtype", ("float32", "bfloat16"))
     _choice(config, "model.remat", models.REMAT_MODES)
+    _check(config.model.scan_layers is None or isinstance(config.model.scan_layers, bool), "model.scan_layers",
+           f"None (auto: from {models.SCAN_LAYERS_FROM} layers on), True or False", config.model.scan_layers)
     if config.model.path:
         if models.is_local_path(config.model.path):  # a local checkpoint is checked now; a repo id when fetched
             _wrapped(f"config.model.path = {config.model.path!r}", models.read_hf_config, config.model.path,

@@ -1,7 +1,7 @@
 """Batched generation with a KV cache, for every model family: greedy, temperature, top-k and top-p sampling.
 
 `generate` (pure, jitted) prefills the right-padded prompts in one forward pass, writing each layer's keys and
-values into a cache of P + max_new_tokens slots (slot = position), then decodes one token per row per step in a
+values into a cache of P + max_new_tokens slots (slot = position; stacked over layers when the blocks are), then decodes one token per row per step in a
 `while_loop` with fixed shapes, attending over the cache; it stops when every row has emitted EOS or a stop
 sequence, or after max_new_tokens. `sample` is the host-side shell: fixed-size batches over any number of prompts,
 sharded over the mesh's batch axes, decoded to text and cut at stop strings.
@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dpo_jax import sharding
 from dpo_jax.models import apply_with_cache, empty_cache
+from dpo_jax.models.layers import KVCache
 
 
 def filter_logits(logits_BxV: jax.Array, top_p: jax.Array | float, top_k: jax.Array | int = 0) -> jax.Array:
@@ -48,6 +50,15 @@ def sample_tokens(
         return jax.random.categorical(rng, filter_logits(logits_BxV / safe_temperature, top_p, top_k), axis=-1)
 
     return jax.lax.cond(jnp.asarray(temperature) > 0, draw, lambda: jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)
+
+
+def _cache_sharding(cache: list[KVCache] | KVCache, mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Each layer's cache as `sharding.kv_cache_sharding`; a cache stacked over layers (`scan_layers`) keeps its
+    leading layer axis whole."""
+    if isinstance(cache, list):
+        return sharding.kv_cache_sharding(mesh, cache[0].k_BxSxGxK.shape)
+    layer_spec = sharding.kv_cache_sharding(mesh, cache.k_BxSxGxK.shape[1:]).spec
+    return NamedSharding(mesh, PartitionSpec(None, *layer_spec))
 
 
 class Generation(NamedTuple):
@@ -103,7 +114,7 @@ def generate(
     tokens_BxS = jnp.full((B, S), pad_id, jnp.int32).at[:, :P].set(prompt_BxP)
     cache = empty_cache(graphdef, params, B, S)
     if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, sharding.kv_cache_sharding(mesh, cache[0].k_BxSxGxK.shape))
+        cache = jax.lax.with_sharding_constraint(cache, _cache_sharding(cache, mesh))
 
     # Prefill: the whole prompt buffer at once; a row's padding writes slots its own tokens overwrite later.
     hidden_BxPxD, logits_fn, cache = apply_with_cache(

@@ -22,6 +22,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dpo_jax import models
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
@@ -157,8 +159,9 @@ def partition_specs(tree: Any, family: str) -> Any:
     """The PartitionSpec of every leaf of `tree` (params, a TrainState, or their abstract forms) by `family`'s rules.
 
     Leaves are matched by the end of their path, so optimizer slots shaped like a parameter get its spec; scalars
-    (step counts) are replicated. A leaf of rank ≥ 1 that no rule matches, or a rule (not optional) that matches
-    no leaf, is a ValueError naming it: a new parameter must get its rule here, not fall back silently.
+    (step counts) are replicated; stacked blocks (`scan_layers`) keep their leading layer axis unsharded. A leaf
+    of rank ≥ 1 that no rule matches, or a rule (not optional) that matches no leaf, is a ValueError naming it: a
+    new parameter must get its rule here, not fall back silently.
     """
     if family not in PARTITION_RULES:
         raise ValueError(f"no partition rules for model family {family!r}; families: {sorted(PARTITION_RULES)}")
@@ -174,7 +177,7 @@ def partition_specs(tree: Any, family: str) -> Any:
             unmatched.append(path)
             return REPLICATED
         used.add(found[0])
-        return found[1]
+        return P(None, *found[1]) if models.is_stacked_path(path, family) else found[1]
 
     specs = jax.tree_util.tree_map_with_path(spec, tree)
     if unmatched:

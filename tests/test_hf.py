@@ -122,9 +122,13 @@ def test_packed_row_gives_each_sequence_its_own_logits(name):
     np.testing.assert_allclose(packed[9:], forward(params, b[None])[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("name", ONE_PER_FAMILY + ["gpt_neox_sequential"])
-def test_save_then_load_is_a_bitwise_round_trip_with_the_original_tensors(name, tmp_path):
+def test_save_then_load_is_a_bitwise_round_trip_with_the_original_tensors(name, scan_layers, tmp_path):
+    """Either form of the blocks (stacked: each layer's slice under its layer's name) writes the same tensors."""
     graphdef, params, config = load_fixture(name)
+    if scan_layers:
+        params, config = models.to_form(params, config, scan_layers=True)
     tokenizer = data.get_tokenizer("model", fixture_dir(name))
     out = str(tmp_path / "export")
     save_hf(params, config, out, tokenizer, max_shard_bytes=60_000 if name == "gpt_neox" else 10**9)
@@ -140,7 +144,7 @@ def test_save_then_load_is_a_bitwise_round_trip_with_the_original_tensors(name, 
         assert sorted(index["weight_map"]) == sorted(original) and len(set(index["weight_map"].values())) > 1
         assert not os.path.exists(os.path.join(out, "model.safetensors"))
 
-    _, reloaded, reloaded_config = load_hf(out)
+    _, reloaded, reloaded_config = load_hf(out, scan_layers=scan_layers)
     assert reloaded_config == config
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reloaded)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -149,6 +153,7 @@ def test_save_then_load_is_a_bitwise_round_trip_with_the_original_tensors(name, 
     with open(os.path.join(fixture_dir(name), "config.json")) as f:
         fixture_config = json.load(f)
     assert written["architectures"] == fixture_config["architectures"] and written["model_type"] == fixture_config["model_type"]
+    assert "scan_layers" not in written  # how we run the blocks is not the architecture
     assert written["eos_token_id"] == tokenizer.eos_token_id and written["dtype"] == "float32"
     assert data.get_tokenizer(f"hf:{out}").encode("review of the film") == tokenizer.encode("review of the film")
 
@@ -312,7 +317,8 @@ def test_repo_id_from_the_local_cache_offline(tmp_path):
 
 
 def test_load_onto_a_mesh_of_8_devices():
-    """`shardings` places each tensor directly on its sharding; the sharded model computes the same logits."""
+    """`shardings` places each tensor directly on its sharding (stacked blocks: each layer stack); the sharded model
+    computes the same logits."""
     out = run_python(
         f"""
         import numpy as np, jax
@@ -331,9 +337,13 @@ def test_load_onto_a_mesh_of_8_devices():
             hidden, logits_fn = apply_model(graphdef, params, tokens)
             return logits_fn(hidden)
         print(float(np.abs(np.asarray(logits(params, golden["tokens"])) - golden["logits"]).max()))
+        graphdef, params, _ = load_hf({fixture_dir("llama")!r}, shardings=shard_last_axis, scan_layers=True)
+        q = params["layers"]["self_attn"]["q_proj"]["kernel"][...]
+        print(q.sharding.spec, len(q.addressable_shards), q.addressable_shards[0].data.shape)
+        print(float(np.abs(np.asarray(logits(params, golden["tokens"])) - golden["logits"]).max()))
         """,
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"},
     )
-    spec_line, diff_line = out.strip().splitlines()[-2:]
-    assert spec_line == "P(None, 'model') 8 (32, 4)"
-    assert float(diff_line) <= TOLERANCE
+    spec_line, diff_line, stacked_spec_line, stacked_diff_line = out.strip().splitlines()[-4:]
+    assert spec_line == "P(None, 'model') 8 (32, 4)" and stacked_spec_line == "P(None, None, 'model') 8 (2, 32, 4)"
+    assert float(diff_line) <= TOLERANCE and float(stacked_diff_line) <= TOLERANCE

@@ -74,10 +74,11 @@ def llama():
 
 
 # Mistral's window is 3 positions, so every row decodes past it; GPT-2 uses learned positions, GPT-J interleaved
-# partial rotary, GPT-NeoX the fused per-head q|k|v layout.
+# partial rotary, GPT-NeoX the fused per-head q|k|v layout. Stacked blocks decode with a cache stacked over layers.
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
-def test_greedy_kv_cache_equals_full_forward_argmax_and_teacher_forced_logprobs(family):
-    graphdef, params = split_params(tiny_model(family))
+def test_greedy_kv_cache_equals_full_forward_argmax_and_teacher_forced_logprobs(family, scan_layers):
+    graphdef, params = split_params(tiny_model(family, scan_layers=scan_layers))
     out = run(graphdef, params)
     check_rows(out, full_forward_greedy(graphdef, params))
     check_teacher_forced_logprobs(graphdef, params, out)

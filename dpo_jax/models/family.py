@@ -1,6 +1,6 @@
 """What each model family provides to the registry: its config dataclass, its module, and its Hugging Face layout.
 
-A family module (llama.py, gpt2.py, ...) ends with `FAMILY = Family(...)`; `models/__init__.py` collects them.
+A family module (llama.py, gpt2.py, ...) ends with `FAMILY = Family(...)`; `registry.py` collects them.
 Our submodule names mirror Hugging Face's, so a parameter path maps to its checkpoint tensor name by rule
 (`hf.py`): prefix + path, with our leaf names `kernel`/`embedding`/`scale` written as `weight`.
 """
@@ -12,7 +12,10 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from dpo_jax.models.layers import REMAT_MODES, ROPE_TYPES, RopeScaling
+
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+SCAN_LAYERS_FROM = 8  # scan_layers=None (auto) stacks the blocks into one scan from this many layers on
 
 
 def _no_extras(_: Any) -> dict[str, Any]:
@@ -82,6 +85,23 @@ def check_config(
             raise ValueError(f"{name}.{field} must be True or False, got {getattr(config, field)!r}")
     if config.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"{name}.dtype must be one of {COMPUTE_DTYPES}, got {config.dtype!r}")
+    check_choice(config, "remat", REMAT_MODES)
+
+
+def resolve_scan_layers(config: Any, unsupported_with: str | None = None) -> None:
+    """Set `config.scan_layers` (frozen) from None, "auto", to whether the model has ≥ SCAN_LAYERS_FROM layers, so a
+    config (and the checkpoint metadata recording it) says which form its blocks take. `unsupported_with` names a
+    setting under which the blocks cannot be stacked: auto then means unrolled, True is a ValueError."""
+    name, value = type(config).__name__, config.scan_layers
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name}.scan_layers must be None (auto: from {SCAN_LAYERS_FROM} layers on), True or False, "
+                         f"got {value!r}")
+    if value and unsupported_with:
+        raise ValueError(f"{name}.scan_layers=True is not supported with {unsupported_with}: its blocks differ by "
+                         "layer; set scan_layers=False (or None)")
+    if value is None:
+        value = config.num_layers >= SCAN_LAYERS_FROM and not unsupported_with
+    object.__setattr__(config, "scan_layers", value)
 
 
 def check_choice(config: Any, field: str, allowed) -> None:
@@ -109,8 +129,6 @@ def rope_from_hf(hf_config: Any) -> tuple[float, Any, float]:
     transformers (>= 5) fills `rope_parameters` from either form of config.json: `rope_parameters`, or the
     older `rope_theta` + `rope_scaling` (and GPT-NeoX's `rotary_emb_base` / `rotary_pct`).
     """
-    from dpo_jax.models.layers import ROPE_TYPES, RopeScaling
-
     params = dict(hf_config.rope_parameters or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     scaling = None

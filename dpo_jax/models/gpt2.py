@@ -7,14 +7,16 @@ as we do, so its weights load untransposed. The paper's IMDb experiment fine-tun
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax.models import layers
-from dpo_jax.models.family import Family, HFLayout, check_choice, check_config, hf_unsupported
+from dpo_jax.models.decoder import Decoder, DecoderNames
+from dpo_jax.models.family import (
+    Family, HFLayout, check_choice, check_config, hf_unsupported, resolve_scan_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,7 @@ class GPT2Config:
     tie_embeddings: bool = True
     dtype: str = "float32"
     remat: str = "none"  # recompute each block in the backward pass: none, block (keep matmuls), full
+    scan_layers: bool | None = None  # blocks stacked, run in one scan; None: from 8 layers on (decoder.py)
 
     def __post_init__(self):
         if self.intermediate_size is None:
@@ -48,6 +51,8 @@ class GPT2Config:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"GPT2Config.num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
         check_choice(self, "activation", layers.ACTIVATIONS)
+        # Each block's own attention scale differs by layer, which one stacked block cannot express.
+        resolve_scan_layers(self, "scale_attn_by_inverse_layer_idx" if self.scale_attn_by_inverse_layer_idx else None)
 
 
 class GPT2Attention(nnx.Module):
@@ -97,48 +102,27 @@ class GPT2Block(nnx.Module):
         return x_BxTxD + self.mlp(self.ln_2(x_BxTxD)), cache
 
 
-class GPT2(nnx.Module):
-    """GPT-2 decoder: `__call__` gives final-normed hidden states, `logits` maps them to float32 logits."""
+class GPT2(Decoder):
+    """GPT-2 decoder: learned positions added to the token embedding, LayerNorm blocks, tied head by default."""
 
-    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
-        self.config = config
-        dtype, D = jnp.dtype(config.dtype), config.hidden_size
-        self.wte = layers.embedding(config.vocab_size, D, dtype=dtype, rngs=rngs)
-        self.wpe = layers.embedding(config.max_position_embeddings, D, dtype=dtype, rngs=rngs)
-        self.h = nnx.List([GPT2Block(config, i, rngs=rngs) for i in range(config.num_layers)])
-        self.ln_f = layers.layer_norm(D, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
-        if not config.tie_embeddings:
-            self.lm_head = layers.linear(D, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+    NAMES = DecoderNames(embed="wte", blocks="h", final_norm="ln_f", head="lm_head")
 
-    def __call__(
-        self,
-        tokens_BxT: jax.Array,
-        positions_BxT: jax.Array | None = None,
-        segment_ids_BxT: jax.Array | None = None,
-        branch_ids_BxT: jax.Array | None = None,
-        cache: list[layers.KVCache] | None = None,
-    ) -> jax.Array | tuple[jax.Array, list[layers.KVCache]]:
-        """Hidden states [B, T, D] after ln_f, in the compute dtype (positions default to 0..T−1); with a `cache`
-        (`empty_cache`), also the cache with these tokens' keys and values written in."""
-        positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
-        mask_Bx1xTxS = layers.attention_mask(
-            positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT, cache_slots=layers.cache_slots(cache))
-        x_BxTxD = self.wte(tokens_BxT) + self.wpe(positions_BxT)
-        x_BxTxD, cache_out = layers.run_blocks(
-            self.h, self.config.remat, x_BxTxD, positions_BxT, [mask_Bx1xTxS] * len(self.h), cache)
-        hidden_BxTxD = self.ln_f(x_BxTxD)
-        return hidden_BxTxD if cache is None else (hidden_BxTxD, cache_out)
+    def make_extras(self, config: GPT2Config, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
+        """The learned position table `wpe` [max_position_embeddings, D]."""
+        dtype = jnp.dtype(config.dtype)
+        return {"wpe": layers.embedding(config.max_position_embeddings, config.hidden_size, dtype=dtype, rngs=rngs)}
 
-    def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
-        """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
-        return layers.full_heads_cache(self.config, batch, slots)
+    def make_block(self, config: GPT2Config, index: int, rngs: nnx.Rngs) -> GPT2Block:
+        """Block `index` (its index scales its attention with scale_attn_by_inverse_layer_idx)."""
+        return GPT2Block(config, index, rngs=rngs)
 
-    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
-        """float32 logits [B, T, V]: hidden · wteᵀ when tied (GPT-2's checkpoints), else the separate lm_head."""
-        dtype = jnp.dtype(self.config.dtype)
-        if self.config.tie_embeddings:
-            return layers.tied_logits(hidden_BxTxD, self.wte, dtype)
-        return layers.head_logits(hidden_BxTxD, self.lm_head, dtype)
+    def make_norm(self, config: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
+        """ln_f."""
+        return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=jnp.dtype(config.dtype), rngs=rngs)
+
+    def embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+        """wte(tokens) + wpe(positions); a position past the table gives NaN."""
+        return self.wte(tokens_BxT) + self.wpe(positions_BxT)
 
 
 FAMILY = Family(

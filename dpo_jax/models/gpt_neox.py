@@ -15,7 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax.models import layers
-from dpo_jax.models.family import Family, HFLayout, check_choice, check_config, rope_from_hf, rope_to_hf
+from dpo_jax.models.decoder import Decoder, DecoderNames
+from dpo_jax.models.family import (
+    Family, HFLayout, check_choice, check_config, resolve_scan_layers, rope_from_hf, rope_to_hf,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,7 @@ class GPTNeoXConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"
     remat: str = "none"  # recompute each block in the backward pass: none, block (keep matmuls), full
+    scan_layers: bool | None = None  # blocks stacked, run in one scan; None: from 8 layers on (decoder.py)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -59,6 +63,7 @@ class GPTNeoXConfig:
                 f"{self.hidden_size // self.num_heads}; got {self.rotary_pct} ({self.rotary_dim} dims)"
             )
         check_choice(self, "activation", layers.ACTIVATIONS)
+        resolve_scan_layers(self)
 
     @property
     def rotary_dim(self) -> int:
@@ -117,47 +122,18 @@ class GPTNeoXLayer(nnx.Module):
         return y_BxTxD + self.mlp(self.post_attention_layernorm(y_BxTxD)), cache
 
 
-class GPTNeoX(nnx.Module):
-    """GPT-NeoX decoder: `__call__` gives final-normed hidden states, `logits` maps them to float32 logits."""
+class GPTNeoX(Decoder):
+    """GPT-NeoX decoder: LayerNorm blocks, an untied output head `embed_out` by default."""
 
-    def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        dtype, D = jnp.dtype(config.dtype), config.hidden_size
-        self.embed_in = layers.embedding(config.vocab_size, D, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([GPTNeoXLayer(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.final_layer_norm = layers.layer_norm(D, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
-        if not config.tie_embeddings:
-            self.embed_out = layers.linear(D, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+    NAMES = DecoderNames(embed="embed_in", blocks="layers", final_norm="final_layer_norm", head="embed_out")
 
-    def __call__(
-        self,
-        tokens_BxT: jax.Array,
-        positions_BxT: jax.Array | None = None,
-        segment_ids_BxT: jax.Array | None = None,
-        branch_ids_BxT: jax.Array | None = None,
-        cache: list[layers.KVCache] | None = None,
-    ) -> jax.Array | tuple[jax.Array, list[layers.KVCache]]:
-        """Hidden states [B, T, D] after the final LayerNorm, in the compute dtype (positions default to 0..T−1);
-        with a `cache` (`empty_cache`), also the cache with these tokens' keys and values written in."""
-        positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
-        mask_Bx1xTxS = layers.attention_mask(
-            positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT, cache_slots=layers.cache_slots(cache))
-        x_BxTxD = self.embed_in(tokens_BxT)
-        x_BxTxD, cache_out = layers.run_blocks(
-            self.layers, self.config.remat, x_BxTxD, positions_BxT, [mask_Bx1xTxS] * len(self.layers), cache)
-        hidden_BxTxD = self.final_layer_norm(x_BxTxD)
-        return hidden_BxTxD if cache is None else (hidden_BxTxD, cache_out)
+    def make_block(self, config: GPTNeoXConfig, index: int, rngs: nnx.Rngs) -> GPTNeoXLayer:
+        """A parallel (or sequential) residual block."""
+        return GPTNeoXLayer(config, rngs=rngs)
 
-    def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
-        """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
-        return layers.full_heads_cache(self.config, batch, slots)
-
-    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
-        """float32 logits [B, T, V]: hidden · embed_inᵀ when tied, else embed_out."""
-        dtype = jnp.dtype(self.config.dtype)
-        if self.config.tie_embeddings:
-            return layers.tied_logits(hidden_BxTxD, self.embed_in, dtype)
-        return layers.head_logits(hidden_BxTxD, self.embed_out, dtype)
+    def make_norm(self, config: GPTNeoXConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+        """final_layer_norm."""
+        return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=jnp.dtype(config.dtype), rngs=rngs)
 
 
 def _rope_from_hf(hf: Any) -> dict[str, Any]:

@@ -8,14 +8,16 @@ fine-tunes GPT-J 6B.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax.models import layers
-from dpo_jax.models.family import Family, HFLayout, check_choice, check_config, hf_unsupported
+from dpo_jax.models.decoder import Decoder, DecoderNames
+from dpo_jax.models.family import (
+    Family, HFLayout, check_choice, check_config, hf_unsupported, resolve_scan_layers,
+)
 
 ROPE_THETA = 10000.0  # fixed in GPT-J
 
@@ -35,6 +37,7 @@ class GPTJConfig:
     activation: str = "gelu_new"
     dtype: str = "float32"
     remat: str = "none"  # recompute each block in the backward pass: none, block (keep matmuls), full
+    scan_layers: bool | None = None  # blocks stacked, run in one scan; None: from 8 layers on (decoder.py)
 
     def __post_init__(self):
         if self.intermediate_size is None:
@@ -53,6 +56,7 @@ class GPTJConfig:
         ):
             raise ValueError(f"GPTJConfig.rotary_dim must be None or even and in (0, {head_dim}], got {self.rotary_dim!r}")
         check_choice(self, "activation", layers.ACTIVATIONS)
+        resolve_scan_layers(self)
 
 
 class GPTJAttention(nnx.Module):
@@ -105,43 +109,23 @@ class GPTJBlock(nnx.Module):
         return x_BxTxD + attn_BxTxD + self.mlp(normed_BxTxD), cache
 
 
-class GPTJ(nnx.Module):
-    """GPT-J decoder: `__call__` gives final-normed hidden states, `logits` maps them to float32 logits."""
+class GPTJ(Decoder):
+    """GPT-J decoder: parallel LayerNorm blocks, an untied output head with a bias."""
 
-    def __init__(self, config: GPTJConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        dtype, D = jnp.dtype(config.dtype), config.hidden_size
-        self.wte = layers.embedding(config.vocab_size, D, dtype=dtype, rngs=rngs)
-        self.h = nnx.List([GPTJBlock(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.ln_f = layers.layer_norm(D, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.lm_head = layers.linear(D, config.vocab_size, bias=True, dtype=dtype, rngs=rngs)
+    NAMES = DecoderNames(embed="wte", blocks="h", final_norm="ln_f", head="lm_head")
+    HEAD_BIAS = True
 
-    def __call__(
-        self,
-        tokens_BxT: jax.Array,
-        positions_BxT: jax.Array | None = None,
-        segment_ids_BxT: jax.Array | None = None,
-        branch_ids_BxT: jax.Array | None = None,
-        cache: list[layers.KVCache] | None = None,
-    ) -> jax.Array | tuple[jax.Array, list[layers.KVCache]]:
-        """Hidden states [B, T, D] after ln_f, in the compute dtype (positions default to 0..T−1); with a `cache`
-        (`empty_cache`), also the cache with these tokens' keys and values written in."""
-        positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
-        mask_Bx1xTxS = layers.attention_mask(
-            positions_BxT, segment_ids_BxT, branch_ids_BxT=branch_ids_BxT, cache_slots=layers.cache_slots(cache))
-        x_BxTxD = self.wte(tokens_BxT)
-        x_BxTxD, cache_out = layers.run_blocks(
-            self.h, self.config.remat, x_BxTxD, positions_BxT, [mask_Bx1xTxS] * len(self.h), cache)
-        hidden_BxTxD = self.ln_f(x_BxTxD)
-        return hidden_BxTxD if cache is None else (hidden_BxTxD, cache_out)
+    def make_block(self, config: GPTJConfig, index: int, rngs: nnx.Rngs) -> GPTJBlock:
+        """A parallel residual block."""
+        return GPTJBlock(config, rngs=rngs)
 
-    def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
-        """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
-        return layers.full_heads_cache(self.config, batch, slots)
+    def make_norm(self, config: GPTJConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+        """ln_f."""
+        return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=jnp.dtype(config.dtype), rngs=rngs)
 
-    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
-        """float32 logits [B, T, V] from lm_head (with its bias)."""
-        return layers.head_logits(hidden_BxTxD, self.lm_head, jnp.dtype(self.config.dtype))
+    def tied(self) -> bool:
+        """Never: GPT-J's head has its own weights and bias."""
+        return False
 
 
 FAMILY = Family(

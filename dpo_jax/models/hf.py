@@ -2,12 +2,14 @@
 pytree, one tensor at a time; `save_hf` writes them back under the same names, shapes and layout.
 
 A parameter path maps to its tensor name by rule (see `hf_tensor_name`), so nothing here is per family
-beyond the `HFLayout` each family declares. Every mismatch (unsupported model_type, a missing, unexpected or
+beyond the `HFLayout` each family declares. Stacked blocks (`scan_layers`) read and write each layer's slice under
+that layer's name, so a checkpoint is the same in either form. Every mismatch (unsupported model_type, a missing, unexpected or
 mis-shaped tensor, a missing shard file) is an error naming it: nothing is left at its random initialisation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,8 +21,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dpo_jax.models import MODEL_FAMILIES, abstract_model, family_of, param_path
 from dpo_jax.models.family import HFLayout, config_from_hf, config_to_hf
+from dpo_jax.models.registry import MODEL_FAMILIES, abstract_model, family_of, param_path
+from dpo_jax.models.stacking import layer_paths
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -149,15 +152,17 @@ def _match_tensors(
 
 
 def load_hf(
-    path: str, *, dtype: str = "float32", shardings: ShardingFn | None = None
+    path: str, *, dtype: str = "float32", shardings: ShardingFn | None = None, scan_layers: bool | None = None
 ) -> tuple[nnx.GraphDef, nnx.State, Any]:
     """(graphdef, params, model config) of the Hugging Face checkpoint at `path` (a directory or a repo id).
 
     Reads config.json and `model.safetensors` (or the shards of `model.safetensors.index.json`) tensor by tensor
-    into params of `dtype`, which is also the model's compute dtype; at most one tensor is ever held twice in host
-    memory. `shardings(path, shape_dtype)` may place each tensor on its target sharding (default: one device).
+    into params of `dtype`, which is also the model's compute dtype; at most one param (with stacked blocks, one
+    param's layers) is ever held twice in host memory. `shardings(path, shape_dtype)` may place each param on its
+    target sharding (default: one device). The blocks are stacked or unrolled as `scan_layers` says (None: auto,
+    by the number of layers); each layer's tensors keep their names either way.
     """
-    graphdef, params, config, _ = _load(resolve_checkpoint_dir(path), dtype, shardings)
+    graphdef, params, config, _ = _load(resolve_checkpoint_dir(path), dtype, shardings, scan_layers=scan_layers)
     return graphdef, params, config
 
 
@@ -173,16 +178,18 @@ def load_hf_body(
 
 
 def _load(
-    directory: str, dtype: str, shardings: ShardingFn | None, head_tensors: tuple[str, ...] | None = None
+    directory: str, dtype: str, shardings: ShardingFn | None, head_tensors: tuple[str, ...] | None = None,
+    scan_layers: bool | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State, Any, dict[str, np.ndarray]]:
     """`load_hf` (head_tensors None: every param, the LM head included) or `load_hf_body` (named head tensors)."""
     from safetensors import safe_open
 
-    config = read_hf_config(directory, dtype)
+    config = dataclasses.replace(read_hf_config(directory, dtype), scan_layers=scan_layers)
     layout = family_of(config).hf
     graphdef, abstract = abstract_model(config)
     flat_abstract = {param_path(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    names = {p: hf_tensor_name(p, layout) for p in flat_abstract}
+    per_layer = {p: layer_paths(p, config) for p in flat_abstract}  # [p], or a stacked param's layers' paths
+    names = {layer_path: hf_tensor_name(layer_path, layout) for paths in per_layer.values() for layer_path in paths}
     files = _tensor_files(directory)
     extra: dict[str, np.ndarray] = {}
     lm_head: frozenset = frozenset()
@@ -193,31 +200,43 @@ def _load(
         for name in head_tensors:
             with safe_open(files[name], framework="numpy") as f:
                 extra[name] = f.get_tensor(name)
-        lm_head = frozenset(p for p in flat_abstract if p[0] == layout.head)
+        lm_head = frozenset(p for p in names if p[0] == layout.head)
     present = _match_tensors(names, files, layout, directory, lm_head, frozenset(extra))
 
     loaded: dict[tuple, jax.Array] = {}
-    for p, name in present.items():
+    for p, layer_paths_of_p in per_layer.items():
+        if layer_paths_of_p[0] not in present:  # the LM head load_hf_body leaves abstract
+            continue
         target = jax.ShapeDtypeStruct(flat_abstract[p].shape, jnp.dtype(dtype))
-        transposed = names[p][1]
-        # Opened per tensor: closing unmaps the file, so its pages never pile up beside the params in RSS.
-        with safe_open(files[name], framework="numpy") as f:
-            if name not in f.keys():
-                raise ValueError(f"{files[name]}: has no tensor {name!r}, though {INDEX_FILE} maps it there")
-            array = f.get_tensor(name)
-        expected = target.shape[::-1] if transposed else target.shape
-        if tuple(array.shape) != tuple(expected):
-            raise ValueError(
-                f"{files[name]}: tensor {name!r} has shape {list(array.shape)}, expected {list(expected)} "
-                f"for {layout.architecture} as config.json describes it"
-            )
-        array = (array.T if transposed else array).astype(target.dtype)
+        stacked = layer_paths_of_p != [p]
+        layer_shape = target.shape[1:] if stacked else target.shape
+        arrays = [_read_tensor(files, present[q], names[q][1], layer_shape, layout) for q in layer_paths_of_p]
+        array = (np.stack(arrays) if stacked else arrays[0]).astype(target.dtype)
+        del arrays
         loaded[p] = _place(array, target, None if shardings is None else shardings(p, target))
         del array
-    logging.info("loaded %d tensors of %s from %s", len(loaded), layout.architecture, directory)
+    logging.info("loaded %d tensors of %s from %s", len(present), layout.architecture, directory)
     # Only load_hf_body leaves any param unloaded: the LM head its checkpoint lacks stays abstract.
     params = jax.tree_util.tree_map_with_path(lambda kp, leaf: loaded.get(param_path(kp), leaf), abstract)
     return graphdef, params, config, extra
+
+
+def _read_tensor(files: dict[str, str], name: str, transposed: bool, shape: tuple, layout: HFLayout) -> np.ndarray:
+    """Checkpoint tensor `name` in our layout (transposed back if stored transposed), checked to have `shape`."""
+    from safetensors import safe_open
+
+    # Opened per tensor: closing unmaps the file, so its pages never pile up beside the params in RSS.
+    with safe_open(files[name], framework="numpy") as f:
+        if name not in f.keys():
+            raise ValueError(f"{files[name]}: has no tensor {name!r}, though {INDEX_FILE} maps it there")
+        array = f.get_tensor(name)
+    expected = tuple(shape)[::-1] if transposed else tuple(shape)
+    if tuple(array.shape) != expected:
+        raise ValueError(
+            f"{files[name]}: tensor {name!r} has shape {list(array.shape)}, expected {list(expected)} "
+            f"for {layout.architecture} as config.json describes it"
+        )
+    return array.T if transposed else array
 
 
 def _place(array: np.ndarray, target: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding | None) -> jax.Array:
@@ -247,7 +266,11 @@ def save_hf(
     family = family_of(model_config)
     layout = family.hf
     leaves = [(param_path(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
-    tensors = sorted((hf_tensor_name(p, layout), leaf) for p, leaf in leaves)
+    # (name, transposed), the param, and its layer when it is a stack of layers (sliced only when written)
+    tensors = sorted(
+        (hf_tensor_name(layer_path, layout), leaf, None if paths == [p] else index)
+        for p, leaf in leaves for paths in [layer_paths(p, model_config)] for index, layer_path in enumerate(paths)
+    )
     out_dtype = jnp.dtype(dtype) if dtype else None
     token_ids = {key: getattr(tokenizer, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     hf_config = config_to_hf(family, model_config, **token_ids)  # first: a config with no HF form writes nothing
@@ -257,7 +280,8 @@ def save_hf(
     shards: list[list] = [[]]
     shard_bytes = 0
     for entry in tensors:
-        nbytes = entry[1].size * (out_dtype or entry[1].dtype).itemsize
+        layer_size = entry[1].size // (entry[1].shape[0] if entry[2] is not None else 1)
+        nbytes = layer_size * (out_dtype or entry[1].dtype).itemsize
         if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
             shards.append([])
             shard_bytes = 0
@@ -274,8 +298,8 @@ def save_hf(
     weight_map, total_bytes = {}, 0
     for file, shard in zip(files, shards):
         arrays = {}
-        for (name, transposed), leaf in shard:
-            array = np.asarray(jax.device_get(leaf))
+        for (name, transposed), leaf, layer in shard:
+            array = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
             array = np.ascontiguousarray(array.T if transposed else array)
             arrays[name] = array.astype(out_dtype) if out_dtype is not None else array
             weight_map[name] = file

@@ -183,8 +183,14 @@ class KVCache:
     v_BxSxGxK: jax.Array
 
 
-def empty_cache(num_layers: int, batch: int, slots: int, num_kv_heads: int, head_dim: int, dtype: Dtype) -> list:
-    """A zeroed KVCache per layer, [batch, slots, num_kv_heads, head_dim] each in `dtype` (the compute dtype)."""
+def empty_cache(
+    num_layers: int, batch: int, slots: int, num_kv_heads: int, head_dim: int, dtype: Dtype, *, stacked: bool = False
+) -> list[KVCache] | KVCache:
+    """A zeroed KVCache per layer, [batch, slots, num_kv_heads, head_dim] each in `dtype` (the compute dtype); or,
+    `stacked`, one KVCache of [num_layers, batch, ...] for blocks run in a scan."""
+    if stacked:
+        zeros = jnp.zeros((num_layers, batch, slots, num_kv_heads, head_dim), dtype)
+        return KVCache(zeros, zeros)
     zeros = jnp.zeros((batch, slots, num_kv_heads, head_dim), dtype)
     return [KVCache(zeros, zeros) for _ in range(num_layers)]
 
@@ -204,28 +210,12 @@ def cache_kv(
     return cache.k_BxSxGxK, cache.v_BxSxGxK, cache
 
 
-def full_heads_cache(config, batch: int, slots: int) -> list[KVCache]:
-    """`empty_cache` of a family whose every head has its own keys and values (GPT-2, GPT-J, GPT-NeoX): the config's
-    num_layers, num_heads and head width hidden_size / num_heads."""
-    head_dim = config.hidden_size // config.num_heads
-    return empty_cache(config.num_layers, batch, slots, config.num_heads, head_dim, config.dtype)
-
-
-def run_blocks(
-    blocks, remat: str, x_BxTxD: jax.Array, positions_BxT: jax.Array, masks: list[jax.Array], cache: list | None,
-) -> tuple[jax.Array, list | None]:
-    """Apply each block `(x, positions, mask, layer cache) -> (x, layer cache)` in turn (`call_block`), block i with
-    masks[i]; returns (x, the updated cache, or None without one)."""
-    layer_caches = list(cache) if cache is not None else [None] * len(blocks)
-    for index, block in enumerate(blocks):
-        x_BxTxD, layer_caches[index] = call_block(
-            block, remat, x_BxTxD, positions_BxT, masks[index], layer_caches[index])
-    return x_BxTxD, None if cache is None else layer_caches
-
-
-def cache_slots(cache: list[KVCache] | None) -> int | None:
-    """The number of slots of a model's cache (None without one): the key length its attention masks need."""
-    return None if cache is None else cache[0].k_BxSxGxK.shape[1]
+def cache_slots(cache: list[KVCache] | KVCache | None) -> int | None:
+    """The number of slots of a model's cache, per layer or stacked (None without one): the key length its attention
+    masks need."""
+    if cache is None:
+        return None
+    return (cache[0] if isinstance(cache, list) else cache).k_BxSxGxK.shape[-3]
 
 
 def attend(

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax.models import layers
+from dpo_jax.models.decoder import Decoder, DecoderNames
 from dpo_jax.models.family import (
-    Family, HFLayout, check_choice, check_config, rope_from_hf, rope_to_hf,
+    Family, HFLayout, check_choice, check_config, resolve_scan_layers, rope_from_hf, rope_to_hf,
 )
 
 
@@ -44,6 +45,7 @@ class LlamaConfig:
     max_position_embeddings: int = 2048  # recorded for export; rotary positions are not capped
     dtype: str = "float32"
     remat: str = "none"  # recompute each block in the backward pass: none, block (keep matmuls), full
+    scan_layers: bool | None = None  # blocks stacked, run in one scan; None: from 8 layers on (decoder.py)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -74,6 +76,7 @@ class LlamaConfig:
                 f"{name}.sliding_window_layers must be None or layer indices below {self.num_layers}, "
                 f"got {self.sliding_window_layers!r}"
             )
+        resolve_scan_layers(self)
 
     def layer_window(self, index: int) -> int | None:
         """The sliding window of layer `index`, or None for full causal attention."""
@@ -131,52 +134,26 @@ class LlamaDecoderLayer(nnx.Module):
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), cache
 
 
-class Llama(nnx.Module):
-    """Llama decoder: `__call__` gives final-normed hidden states, `logits` maps them to float32 logits."""
+class Llama(Decoder):
+    """Llama decoder (also Qwen2's and Mistral's): RMSNorm blocks, grouped KV heads, per-layer sliding windows."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        dtype = jnp.dtype(config.dtype)
-        self.embed_tokens = layers.embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([LlamaDecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.norm = layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if not config.tie_embeddings:
-            self.lm_head = layers.linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+    NAMES = DecoderNames(embed="embed_tokens", blocks="layers", final_norm="norm", head="lm_head")
 
-    def __call__(
-        self,
-        tokens_BxT: jax.Array,
-        positions_BxT: jax.Array | None = None,
-        segment_ids_BxT: jax.Array | None = None,
-        branch_ids_BxT: jax.Array | None = None,
-        cache: list[layers.KVCache] | None = None,
-    ) -> jax.Array | tuple[jax.Array, list[layers.KVCache]]:
-        """Hidden states [B, T, D] after the final norm, in the compute dtype (positions default to 0..T−1); with
-        a `cache` (`layers.empty_cache`), also the cache with these tokens' keys and values written in."""
-        positions_BxT, segment_ids_BxT = layers.positions_and_segments(tokens_BxT, positions_BxT, segment_ids_BxT)
-        slots = layers.cache_slots(cache)
-        masks = {
-            window: layers.attention_mask(positions_BxT, segment_ids_BxT, window, branch_ids_BxT, slots)
-            for window in {self.config.layer_window(i) for i in range(self.config.num_layers)}
-        }
-        x_BxTxD = self.embed_tokens(tokens_BxT)
-        layer_masks = [masks[self.config.layer_window(i)] for i in range(len(self.layers))]
-        x_BxTxD, cache_out = layers.run_blocks(
-            self.layers, self.config.remat, x_BxTxD, positions_BxT, layer_masks, cache)
-        hidden_BxTxD = self.norm(x_BxTxD)
-        return hidden_BxTxD if cache is None else (hidden_BxTxD, cache_out)
+    def make_block(self, config: LlamaConfig, index: int, rngs: nnx.Rngs) -> LlamaDecoderLayer:
+        """A pre-norm residual block (its window, if any, comes with its mask)."""
+        return LlamaDecoderLayer(config, rngs=rngs)
 
-    def empty_cache(self, batch: int, slots: int) -> list[layers.KVCache]:
-        """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`)."""
-        config = self.config
-        return layers.empty_cache(config.num_layers, batch, slots, config.num_kv_heads, config.head_dim, config.dtype)
+    def make_norm(self, config: LlamaConfig, rngs: nnx.Rngs) -> layers.RMSNorm:
+        """The final RMSNorm `norm`."""
+        return layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
-        """float32 logits [B, T, V]: hidden · embeddingᵀ when tied, else the separate lm_head."""
-        dtype = jnp.dtype(self.config.dtype)
-        if self.config.tie_embeddings:
-            return layers.tied_logits(hidden_BxTxD, self.embed_tokens, dtype)
-        return layers.head_logits(hidden_BxTxD, self.lm_head, dtype)
+    def layer_window(self, index: int) -> int | None:
+        """The config's window of layer `index` (`LlamaConfig.layer_window`)."""
+        return self.config.layer_window(index)
+
+    def kv_heads(self) -> tuple[int, int]:
+        """(num_kv_heads, head_dim): grouped-query attention caches fewer heads than it queries."""
+        return self.config.num_kv_heads, self.config.head_dim
 
 
 # The config.json fields every Llama-like family (llama, qwen2, mistral) states the same way.
