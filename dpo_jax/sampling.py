@@ -42,12 +42,17 @@ def sample_tokens(
     logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array | float, top_p: jax.Array | float = 1.0,
     top_k: jax.Array | int = 0,
 ) -> jax.Array:
-    """argmax when temperature == 0, else a draw from softmax(logits / temperature) restricted by top_k and top_p."""
+    """argmax when temperature == 0, else a draw from softmax(logits / temperature) restricted by top_k and top_p.
+    The settings may be traced (one compile serves a sweep); the vocabulary is sorted only when a filter is asked
+    for (top_k > 0 or top_p < 1), a branch chosen at run time."""
     logits_BxV = logits_BxV.astype(jnp.float32)
 
     def draw():
         safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
-        return jax.random.categorical(rng, filter_logits(logits_BxV / safe_temperature, top_p, top_k), axis=-1)
+        scaled_BxV = logits_BxV / safe_temperature
+        filtered_BxV = jax.lax.cond((jnp.asarray(top_k) > 0) | (jnp.asarray(top_p) < 1.0),
+                                    lambda x: filter_logits(x, top_p, top_k), lambda x: x, scaled_BxV)
+        return jax.random.categorical(rng, filtered_BxV, axis=-1)
 
     return jax.lax.cond(jnp.asarray(temperature) > 0, draw, lambda: jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)
 

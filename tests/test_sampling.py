@@ -4,6 +4,7 @@ past its window), log-probs equal teacher forcing, EOS and stop sequences, seeds
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from dpo_jax.data import WordTokenizer
 from dpo_jax.models import apply_model, split_params
-from dpo_jax.sampling import SamplingSettings, cut_at_stop, filter_logits, generate, sample
+from dpo_jax.sampling import SamplingSettings, cut_at_stop, filter_logits, generate, sample, sample_tokens
 from test_models import TINY_FAMILIES, tiny_model
 
 PAD, NO_EOS, NEW = 31, -1, 6
@@ -152,6 +153,35 @@ def test_filter_logits_keeps_the_top_k_then_the_smallest_nucleus(values, top_k, 
     mass_before = np.cumsum(probs) - probs
     expected = candidates[: max(int((mass_before < top_p).sum()), 1)]
     assert set(np.nonzero(kept)[0]) == set(expected.tolist())
+
+
+def _sort_depths(jaxpr, depth=0):
+    """How many `cond`s enclose each sort in a jaxpr (branches, scans and jits looked into)."""
+    depths = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "sort":
+            depths.append(depth)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            depths += _sort_depths(sub, depth + (eqn.primitive.name == "cond"))
+    return depths
+
+
+def test_the_vocabulary_is_sorted_only_when_a_filter_is_asked_for_with_one_compile_for_every_setting():
+    logits = jax.random.normal(jax.random.key(0), (4, 4096)) * 3
+    rng = jax.random.key(1)
+    draw = jax.jit(sample_tokens)
+    # No filter: exactly the plain categorical draw; the sort sits in a branch of its own inside the sampling branch.
+    np.testing.assert_array_equal(draw(logits, rng, 0.7, 1.0, 0),
+                                  jax.random.categorical(rng, logits / 0.7, axis=-1))
+    jaxpr = jax.make_jaxpr(sample_tokens)(logits, rng, 0.7, 1.0, 0).jaxpr
+    assert _sort_depths(jaxpr) and min(_sort_depths(jaxpr)) == 2
+    top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+    for _ in range(3):
+        rng, key = jax.random.split(rng)
+        tokens = np.asarray(draw(logits, key, 1.0, 1.0, 5))
+        assert all(token in row for token, row in zip(tokens, top5))
+    draw(logits, rng, 1.0, 0.5, 0)
+    assert draw._cache_size() == 1  # temperature, top_p and top_k are traced: one compile serves a sweep
 
 
 def test_tiny_top_p_is_greedy(llama):
