@@ -19,10 +19,11 @@ setup(
         "tqdm",
         "matplotlib",
         # Hugging Face checkpoints and tokenizers (configs and tokenizers only: torch is never needed).
-        "transformers>=5",
+        "transformers>=5.25",  # 5.25: the GGUF tokenizer converter data/gguf_tokenizer.py calls (internal API)
         "safetensors>=0.4",
         "huggingface_hub>=0.30",
         "jinja2",  # chat templates
+        "gguf>=0.19",  # llama.cpp's GGUF files as a model source (gguf-py: numpy only), models/gguf.py
         # The paper's datasets as TFDS array_record files (no TensorFlow), read through Grain; Parquet files.
         "tensorflow-datasets>=4.9.9",
         "array-record>=0.8",

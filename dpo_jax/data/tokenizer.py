@@ -5,7 +5,7 @@ Callers rely only on `pad_token_id`, `eos_token_id`, `vocab_size` (every id the 
 tokenizer puts before a text on its own, e.g. Llama's BOS), `special_ids`, `render_chat(messages, ...)` (the chat
 template) and `save_pretrained(dir)`.
 Names `get_tokenizer` accepts: "synthetic_words"; "hf:<directory or repo id>" (transformers.AutoTokenizer);
-"model", the tokenizer saved beside the checkpoint at `config.model.path`.
+"model", the tokenizer saved beside the checkpoint at `config.model.path` (or stored in it, for a GGUF file).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Iterable, Sequence
 
-from dpo_jax.data import synthetic
+from dpo_jax.data import gguf_tokenizer, synthetic
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<unk>")
 
@@ -164,6 +164,8 @@ def get_tokenizer(name: str, model_path: str = "") -> WordTokenizer | HFTokenize
     import transformers
 
     path = model_path if name == MODEL_TOKENIZER else name[len(HF_PREFIX):]
+    if (gguf_path := gguf_tokenizer.gguf_file(path)) is not None:
+        return HFTokenizer(gguf_tokenizer.read_gguf_tokenizer(gguf_path), name)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except Exception as error:  # missing files, offline without a cached copy, unknown repo

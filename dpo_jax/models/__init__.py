@@ -9,7 +9,8 @@ seen by every branch of its segment, another branch only by itself: `layers.atte
 and values (`layers.KVCache`, slot = position). Families: gpt2, gptj, gpt_neox (Pythia), llama, qwen2, mistral —
 one small file each on the shared skeleton `decoder.py` and the pieces in `layers.py`; `config.scan_layers` stacks
 the blocks into one `lax.scan` (`stacking.py` converts between the forms). `registry.py` knows the families by
-name, `functional.py` holds the pure (graphdef, params) calls, `hf.py` reads and writes Hugging Face checkpoints.
+name, `functional.py` holds the pure (graphdef, params) calls, `hf.py` reads and writes Hugging Face checkpoints
+(and reads GGUF files through `gguf.py`).
 """
 
 from flax import nnx  # some callers reach it as models.nnx

@@ -22,6 +22,7 @@ from absl import logging
 from flax import nnx
 
 from dpo_jax.models.family import HFLayout, config_from_hf, config_to_hf
+from dpo_jax.models.gguf import GGUF_SUFFIX, gguf_file, gguf_tensors, read_gguf_config
 from dpo_jax.models.registry import MODEL_FAMILIES, abstract_model, family_of, param_path
 from dpo_jax.models.stacking import layer_paths
 
@@ -38,8 +39,9 @@ ShardingFn = Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding]
 
 
 def is_local_path(path: str) -> bool:
-    """Whether `path` names a local directory (existing or not) rather than a Hub repo id ("org/name" or "name")."""
-    return os.path.isdir(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
+    """Whether `path` names a local directory or GGUF file (existing or not) rather than a Hub repo id ("org/name" or
+    "name")."""
+    return os.path.isdir(path) or path.endswith(GGUF_SUFFIX) or path.startswith((".", "/", "~")) or path.count("/") > 1
 
 
 def resolve_checkpoint_dir(path: str, config_only: bool = False) -> str:
@@ -62,8 +64,12 @@ def resolve_checkpoint_dir(path: str, config_only: bool = False) -> str:
 
 
 def read_hf_config(path: str, dtype: str = "float32") -> Any:
-    """Our family config from `path`'s config.json (local directory or repo id; no weights needed), with compute
-    dtype `dtype`."""
+    """Our family config from `path`'s config.json (local directory or repo id; no weights needed), or from the
+    metadata of the GGUF file `path` names (models/gguf.py), with compute dtype `dtype`."""
+    if (gguf_path := gguf_file(path)) is not None:
+        hf_config = read_gguf_config(gguf_path)
+        family = next(f for f in MODEL_FAMILIES.values() if f.hf.model_type == hf_config.model_type)
+        return config_from_hf(family, hf_config, dtype)
     directory = resolve_checkpoint_dir(path, config_only=True)
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(config_path):
@@ -154,7 +160,8 @@ def _match_tensors(
 def load_hf(
     path: str, *, dtype: str = "float32", shardings: ShardingFn | None = None, scan_layers: bool | None = None
 ) -> tuple[nnx.GraphDef, nnx.State, Any]:
-    """(graphdef, params, model config) of the Hugging Face checkpoint at `path` (a directory or a repo id).
+    """(graphdef, params, model config) of the Hugging Face checkpoint at `path` (a directory or a repo id), or of
+    the GGUF file it names (a .gguf file, or a directory holding one: models/gguf.py dequantises each tensor).
 
     Reads config.json and `model.safetensors` (or the shards of `model.safetensors.index.json`) tensor by tensor
     into params of `dtype`, which is also the model's compute dtype; at most one param (with stacked blocks, one
@@ -162,7 +169,8 @@ def load_hf(
     target sharding (default: one device). The blocks are stacked or unrolled as `scan_layers` says (None: auto,
     by the number of layers); each layer's tensors keep their names either way.
     """
-    graphdef, params, config, _ = _load(resolve_checkpoint_dir(path), dtype, shardings, scan_layers=scan_layers)
+    source = gguf_file(path) or resolve_checkpoint_dir(path)
+    graphdef, params, config, _ = _load(source, dtype, shardings, scan_layers=scan_layers)
     return graphdef, params, config
 
 
@@ -190,7 +198,8 @@ def _load(
     flat_abstract = {param_path(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     per_layer = {p: layer_paths(p, config) for p in flat_abstract}  # [p], or a stacked param's layers' paths
     names = {layer_path: hf_tensor_name(layer_path, layout) for paths in per_layer.values() for layer_path in paths}
-    files = _tensor_files(directory)
+    is_gguf = directory.endswith(GGUF_SUFFIX)
+    files = gguf_tensors(directory, config.num_heads, config.num_kv_heads) if is_gguf else _tensor_files(directory)
     extra: dict[str, np.ndarray] = {}
     lm_head: frozenset = frozenset()
     if head_tensors is not None:
@@ -221,15 +230,18 @@ def _load(
     return graphdef, params, config, extra
 
 
-def _read_tensor(files: dict[str, str], name: str, transposed: bool, shape: tuple, layout: HFLayout) -> np.ndarray:
-    """Checkpoint tensor `name` in our layout (transposed back if stored transposed), checked to have `shape`."""
+def _read_tensor(files: dict[str, Any], name: str, transposed: bool, shape: tuple, layout: HFLayout) -> np.ndarray:
+    """Checkpoint tensor `name` in our layout (transposed back if stored transposed), checked to have `shape`;
+    `files[name]` is its safetensors file, or a GGUF tensor that reads itself."""
     from safetensors import safe_open
 
-    # Opened per tensor: closing unmaps the file, so its pages never pile up beside the params in RSS.
-    with safe_open(files[name], framework="numpy") as f:
-        if name not in f.keys():
-            raise ValueError(f"{files[name]}: has no tensor {name!r}, though {INDEX_FILE} maps it there")
-        array = f.get_tensor(name)
+    if callable(files[name]):
+        array = files[name]()
+    else:  # opened per tensor: closing unmaps the file, so its pages never pile up beside the params in RSS
+        with safe_open(files[name], framework="numpy") as f:
+            if name not in f.keys():
+                raise ValueError(f"{files[name]}: has no tensor {name!r}, though {INDEX_FILE} maps it there")
+            array = f.get_tensor(name)
     expected = tuple(shape)[::-1] if transposed else tuple(shape)
     if tuple(array.shape) != expected:
         raise ValueError(

@@ -1,0 +1,200 @@
+"""GGUF files (llama.cpp's format) as a model source: the transformers config and the weights, by Hugging Face name.
+
+`read_gguf_config` turns the file's metadata into the transformers config a config.json would give, and
+`gguf_tensors` maps each GGUF tensor to its Hugging Face name with a reader that dequantises it (gguf-py, numpy)
+into nn.Linear's [out, in] layout and undoes llama.cpp's rotary row permutation of Q and K; `hf.py` loads them as
+it loads safetensors. Only what we can reproduce exactly is accepted: the Llama architecture, the tensor types in
+`SUPPORTED_TYPES`, rotary without scaling or with linear scaling, one-file models. Anything else is a ValueError
+naming it. The tokenizer of the same file is read by data/gguf_tokenizer.py (data/ does not import models/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import gguf
+import numpy as np
+
+GGUF_SUFFIX = ".gguf"
+SUPPORTED_ARCHITECTURES = ("llama",)
+# Dequantised by gguf-py exactly as llama.cpp does; the i-quants, ternary and FP4 types are not accepted (untested).
+SUPPORTED_TYPES = tuple(getattr(gguf.GGMLQuantizationType, name) for name in (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+# GGUF tensor names (llama.cpp's) -> Hugging Face's; {i} is the layer.
+_BODY_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_ROPE_SCALING_TYPES = ("none", "linear")
+
+
+def gguf_file(path: str) -> str | None:
+    """The GGUF file `path` names: itself if it ends in .gguf, or the one .gguf file of a directory that has no
+    config.json; None for anything else (a Hugging Face checkpoint). ValueError for a directory of several."""
+    if path.endswith(GGUF_SUFFIX):
+        return path
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    found = sorted(f for f in os.listdir(path) if f.endswith(GGUF_SUFFIX))
+    if len(found) > 1:
+        raise ValueError(f"{path}: holds {len(found)} GGUF files ({', '.join(found)}); name one of them")
+    return os.path.join(path, found[0]) if found else None
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+    """gguf-py's reader of the file at `path` (memory-mapped: tensors are read when used). FileNotFoundError or a
+    ValueError naming the file when it is missing, not a GGUF, truncated or split into several files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as error:  # gguf-py raises ValueError, IndexError, ... on a truncated or corrupt file
+        raise ValueError(f"{path}: truncated or corrupt GGUF file ({type(error).__name__}: {error})") from error
+    size = os.path.getsize(path)
+    short = next((t.name for t in reader.tensors if t.data_offset + t.n_bytes > size), None)
+    if short is not None:
+        raise ValueError(f"{path}: truncated GGUF file: tensor {short!r} ends past the file's {size} bytes")
+    if _field(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1) > 1:
+        raise ValueError(f"{path}: one part of a split GGUF model; merge the parts into one file (llama.cpp's "
+                         "gguf-split --merge)")
+    return reader
+
+
+def read_gguf_config(path: str) -> Any:
+    """The transformers config (a LlamaConfig: what config.json would hold) of the GGUF file at `path`.
+    ValueError naming the file and the setting for an architecture, rope scaling or shape we do not implement."""
+    return _read_config(path, os.stat(path).st_mtime_ns if os.path.isfile(path) else 0)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_config(path: str, modified: int) -> Any:
+    """`read_gguf_config`, cached per file version: validation, the tokenizer and the loader each ask for it."""
+    import transformers
+
+    reader = open_gguf(path)
+    architecture = _field(reader, gguf.Keys.General.ARCHITECTURE, "")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    def key(template: str) -> str:
+        return template.format(arch=architecture)
+
+    def required(template: str) -> Any:
+        value = _field(reader, key(template))
+        if value is None:
+            raise ValueError(f"{path}: the GGUF metadata has no {key(template)!r}")
+        return value
+
+    tensors = {t.name: t for t in reader.tensors}
+    hidden_size, num_heads = required(gguf.Keys.LLM.EMBEDDING_LENGTH), required(gguf.Keys.Attention.HEAD_COUNT)
+    head_dim = _field(reader, key(gguf.Keys.Attention.KEY_LENGTH), hidden_size // num_heads)
+    for template, allowed, meaning in ((gguf.Keys.LLM.EXPERT_COUNT, 0, "no experts"),
+                                       (gguf.Keys.Attention.VALUE_LENGTH, head_dim, "the key length"),
+                                       (gguf.Keys.Rope.DIMENSION_COUNT, head_dim, "rotary on the whole head")):
+        value = _field(reader, key(template), allowed)
+        if value != allowed:
+            raise ValueError(f"{path}: {key(template)} = {value!r} is not supported (only {allowed}: {meaning})")
+    rope_parameters = {"rope_type": "default", "rope_theta": _float32(_field(reader, key(gguf.Keys.Rope.FREQ_BASE), 1e4))}
+    scaling = _field(reader, key(gguf.Keys.Rope.SCALING_TYPE), "none")
+    if scaling not in _ROPE_SCALING_TYPES or "rope_freqs.weight" in tensors:
+        found = "per-frequency factors (the rope_freqs tensor, Llama 3)" if scaling == "none" else repr(scaling)
+        raise ValueError(f"{path}: rope scaling {found} is not supported; supported: {', '.join(_ROPE_SCALING_TYPES)}")
+    if scaling == "linear":
+        rope_parameters.update(rope_type="linear", factor=_float32(required(gguf.Keys.Rope.SCALING_FACTOR)))
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: the GGUF file has no token_embd.weight tensor")
+    vocab_size = int(tensors["token_embd.weight"].shape[-1])  # ggml order: [hidden, vocab]
+    token_ids = {ours: _field(reader, f"tokenizer.ggml.{theirs}") for ours, theirs in (
+        ("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id"))}
+    return transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=required(gguf.Keys.LLM.FEED_FORWARD_LENGTH),
+        num_hidden_layers=required(gguf.Keys.LLM.BLOCK_COUNT),
+        num_attention_heads=num_heads,
+        num_key_value_heads=_field(reader, key(gguf.Keys.Attention.HEAD_COUNT_KV), num_heads),
+        head_dim=head_dim,
+        max_position_embeddings=required(gguf.Keys.LLM.CONTEXT_LENGTH),
+        rms_norm_eps=_float32(required(gguf.Keys.Attention.LAYERNORM_RMS_EPS)),
+        rope_parameters=rope_parameters,
+        tie_word_embeddings="output.weight" not in tensors,
+        hidden_act="silu",
+        **token_ids,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file, read when called: dequantised to float32 in nn.Linear's [out, in] layout (a norm:
+    [n]), its rows un-permuted if it is a Q or K projection (`rotary_heads` heads). Prints as its file, for
+    messages."""
+
+    path: str
+    tensor: Any  # gguf.ReaderTensor
+    rotary_heads: int | None = None
+
+    def __call__(self) -> np.ndarray:
+        array = np.asarray(gguf.quants.dequantize(self.tensor.data, self.tensor.tensor_type), dtype=np.float32)
+        array = array.reshape(tuple(int(d) for d in reversed(self.tensor.shape)))  # ggml order is [in, out]
+        return array if self.rotary_heads is None else unpermute_rotary(array, self.rotary_heads)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def gguf_tensors(path: str, num_heads: int, num_kv_heads: int) -> dict[str, GGUFTensor]:
+    """{Hugging Face tensor name: tensor} of the GGUF file at `path`, whose model has `num_heads` query and
+    `num_kv_heads` key-value heads. Tensors without a Hugging Face name keep their GGUF name (so the loader reports
+    them as unexpected). ValueError naming a tensor of a type we do not accept."""
+    reader = open_gguf(path)
+    rotary_heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
+    tensors = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in SUPPORTED_TYPES:
+            raise ValueError(
+                f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which is not supported; "
+                f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}")
+        module = tensor.name.rsplit(".", 1)[0].rsplit(".", 1)[-1]  # blk.3.attn_q.weight -> attn_q
+        tensors[hf_tensor_name(tensor.name)] = GGUFTensor(path, tensor, rotary_heads.get(module))
+    return tensors
+
+
+def hf_tensor_name(name: str) -> str:
+    """The Hugging Face name of GGUF tensor `name` ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'),
+    or `name` itself when it has none."""
+    module, _, leaf = name.rpartition(".")
+    if module in _BODY_NAMES:
+        return f"{_BODY_NAMES[module]}.{leaf}"
+    parts = module.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{leaf}"
+    return name
+
+
+def unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's permutation of a Q or K projection's rows ([out, in]; `num_heads` query or key-value heads):
+    its converter interleaves each head's two rotary halves for its own rope kernel; ours rotates halves, as
+    Hugging Face's does (transformers' `LlamaTensorProcessor._reverse_permute_weights`)."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    """A metadata value of the file (a Python scalar, string or list), or `default` when absent."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _float32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
