@@ -13,13 +13,15 @@ _COMPILATION_CACHE = []  # the session's cache directory, removed when the sessi
 
 
 def pytest_configure(config):
-    """Compile each program once per session: a fresh persistent compilation cache that this process and every
+    """Register the markers (`realmodel`: tests on the fetched SmolLM2-135M-Instruct GGUF, in the default run).
+    Compile each program once per session: a fresh persistent compilation cache that this process and every
     subprocess it starts (which inherit the environment) read and write. Many tests train the same tiny models, and
     compiling dominates their time; a cached executable computes the same results, so no assertion changes. The
     size limit only turns on JAX's file lock, for processes that share the cache at the same time (subprocesses,
     and pytest-xdist workers, which inherit the controller's directory)."""
     import jax
 
+    config.addinivalue_line("markers", "realmodel: runs SmolLM2-135M-Instruct from its GGUF (python -m dpo_jax.fetch)")
     if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         directory = os.environ["JAX_COMPILATION_CACHE_DIR"]  # a pytest-xdist worker: the controller's cache
     else:
