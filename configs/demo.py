@@ -8,7 +8,7 @@ Everything else keeps the paper's defaults from `dpo_jax.config.base_config` (β
 step, RMSprop, 150 warmup steps then constant, clip 10) except what a 77k-parameter model needs:
 larger learning rates, a short warmup for Preferred-FT, and the DPO loss with a small NLL term on the
 chosen completions (`rpo`), which keeps plain DPO's likelihood displacement from emptying the greedy
-samples at some seeds (README.md, "The demo"; `--config.loss.name=dpo` shows it). Finishes in about a
+samples at some seeds (docs/demo.md; `--config.loss.name=dpo` shows it). Finishes in about a
 minute on 2 CPU cores.
 """
 
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
     # which neither completion has before its fifth word, so greedy samples end early: 1 of seeds 0-9 passes.
     # RPO (Pang et al., 2024) adds α·NLL(y_w)/|y_w|, which pushes EOS down wherever y_w has a word; α=0.2
     # passes all ten seeds. α=1 holds π so close to the chosen data that greedy samples stay π_ref's.
-    # Measured in experiments/demo_seeds/study.py; README.md, "The demo", has the figures.
+    # Measured in experiments/demo_seeds/study.py; docs/demo.md has the figures.
     config.loss.update(name="rpo", alpha=0.2)
     config.train.update(eval_batch_size=128, log_every=10, eval_every=50, checkpoint_every=50)
     config.eval.update(max_new_tokens=10)

@@ -6,7 +6,7 @@ lr 1e-6, 64 pairs a step, 150 warmup steps, pairs truncated to 512 tokens and pr
 
 `data.path` is a JSONL, JSON or Parquet file of prompt/chosen/rejected records, full chosen/rejected texts
 sharing a prompt, chat messages, or unpaired prompt/completion/label records (with `--config.loss.name=kto`);
-see "Data" in README.md. The checkpoint is the SFT model and π_ref; its own tokenizer (and chat template) is used.
+see docs/data.md. The checkpoint is the SFT model and π_ref; its own tokenizer (and chat template) is used.
 Held-out pairs come from `data.eval_path`, or a seeded `data.eval_fraction` of the file.
 """
 
