@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dpo_jax import sharding
 from dpo_jax.models import apply_with_cache, empty_cache
-from dpo_jax.models.layers import KVCache
+from dpo_jax.models.layers import KVCache, StackedKVCache
 
 
 def filter_logits(logits_BxV: jax.Array, top_p: jax.Array | float, top_k: jax.Array | int = 0) -> jax.Array:
@@ -57,12 +57,12 @@ def sample_tokens(
     return jax.lax.cond(jnp.asarray(temperature) > 0, draw, lambda: jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)
 
 
-def _cache_sharding(cache: list[KVCache] | KVCache, mesh: jax.sharding.Mesh) -> NamedSharding:
+def _cache_sharding(cache: list[KVCache] | StackedKVCache, mesh: jax.sharding.Mesh) -> NamedSharding:
     """Each layer's cache as `sharding.kv_cache_sharding`; a cache stacked over layers (`scan_layers`) keeps its
     leading layer axis whole."""
     if isinstance(cache, list):
         return sharding.kv_cache_sharding(mesh, cache[0].k_BxSxGxK.shape)
-    layer_spec = sharding.kv_cache_sharding(mesh, cache.k_BxSxGxK.shape[1:]).spec
+    layer_spec = sharding.kv_cache_sharding(mesh, cache.k_LxBxSxGxK.shape[1:]).spec
     return NamedSharding(mesh, PartitionSpec(None, *layer_spec))
 
 

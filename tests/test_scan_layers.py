@@ -71,8 +71,8 @@ def full_logits(graphdef, params, tokens_BxT):
 
 def test_scan_layers_is_auto_from_eight_layers_and_recorded_resolved():
     config = functools.partial(models.make_config, "llama", **{**FAMILIES["llama"], "num_layers": 7})
-    assert not config().scan_layers and config(num_layers=8).scan_layers and not config(num_layers=8, scan_layers=False).scan_layers
-    assert config(scan_layers=True).scan_layers
+    assert not config().scan_layers and config(num_layers=8).scan_layers
+    assert not config(num_layers=8, scan_layers=False).scan_layers and config(scan_layers=True).scan_layers
     assert models.config_to_dict(config(num_layers=8))["scan_layers"] is True  # a checkpoint records the form
     old_meta = {k: v for k, v in models.config_to_dict(config(num_layers=8)).items() if k != "scan_layers"}
     assert models.config_from_dict(old_meta).scan_layers  # metadata of older runs: auto
@@ -90,7 +90,8 @@ def test_scan_layers_is_auto_from_eight_layers_and_recorded_resolved():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_stacked_blocks_start_from_the_unrolled_weights_and_compute_the_same_logits(family):
     forms = both_forms(family)
-    (unrolled_config, unrolled_graphdef, unrolled), (stacked_config, stacked_graphdef, stacked) = forms[False], forms[True]
+    unrolled_config, unrolled_graphdef, unrolled = forms[False]
+    stacked_config, stacked_graphdef, stacked = forms[True]
     blocks = models.blocks_name(family)
     assert all(isinstance(k, int) for k in unrolled[blocks]) and not any(isinstance(k, int) for k in stacked[blocks])
     assert all(leaf.shape[0] == NUM_LAYERS for leaf in jax.tree.leaves(stacked[blocks]))
@@ -182,7 +183,8 @@ def mesh_main(out_dir):
         kernel = mesh_grads["layers"]["self_attn"]["q_proj"]["kernel"][...]
         found[name] = {
             "loss_diff": abs(float(mesh_value) - float(value)),
-            "grad_diff": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(mesh_grads), jax.tree.leaves(grads))),
+            "grad_diff": max(float(jnp.abs(a - b).max())
+                             for a, b in zip(jax.tree.leaves(mesh_grads), jax.tree.leaves(grads))),
             "q_proj_spec": [list(a) if isinstance(a, tuple) else a for a in kernel.sharding.spec],
             "q_proj_shard_shape": list(kernel.addressable_shards[0].data.shape),
             "decoded_equal": bool((np.asarray(mesh_decoded.tokens) == np.asarray(decoded.tokens)).all()),

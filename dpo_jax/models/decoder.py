@@ -22,7 +22,7 @@ from flax import nnx
 
 from dpo_jax.models import layers
 
-Cache = list[layers.KVCache] | layers.KVCache  # a KVCache per layer (unrolled), or one stacked over layers
+Cache = list[layers.KVCache] | layers.StackedKVCache  # a KVCache per layer (unrolled), or all layers' stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,7 @@ class Decoder(nnx.Module):
 
     def empty_cache(self, batch: int, slots: int) -> Cache:
         """A zeroed KV cache of `slots` positions for `batch` rows, for decoding (`__call__(..., cache=)`): a KVCache
-        per layer, or one KVCache stacked over layers [L, B, S, G, K] when the blocks are stacked."""
+        per layer, or a StackedKVCache [L, B, S, G, K] when the blocks are stacked."""
         config = self.config
         return layers.empty_cache(config.num_layers, batch, slots, *self.kv_heads(), config.dtype,
                                   stacked=config.scan_layers)
@@ -145,18 +145,24 @@ def run_blocks(
 
 def scan_blocks(
     blocks: nnx.Module, remat: str, x_BxTxD: jax.Array, positions_BxT: jax.Array, masks: list[jax.Array],
-    mask_of_layer: list[int], cache: layers.KVCache | None,
-) -> tuple[jax.Array, layers.KVCache | None]:
-    """Stacked: the same blocks in one `jax.lax.scan` over the layer axis of their params (and of the cache), each
-    step one block with its mask and remat policy; returns (x, the updated stacked cache, or None)."""
+    mask_of_layer: list[int], cache: layers.StackedKVCache | None,
+) -> tuple[jax.Array, layers.StackedKVCache | None]:
+    """Stacked: the same blocks in one `jax.lax.scan` over the layer axis of their params, each step one block with
+    its mask and remat policy; returns (x, the updated cache, or None). The cache rides in the carry, each block
+    writing its new keys and values into its layer in place (`layers.LayerOfStack`): no second copy of the cache."""
     graphdef, params = nnx.split(blocks)
     mask_index_L = jnp.asarray(mask_of_layer, jnp.int32)
     masks_Mx = jnp.stack(masks) if len(masks) > 1 else None  # layers with different windows pick theirs by index
 
-    def step(x_BxTxD, layer):
-        layer_params, layer_cache, mask_index = layer
+    def step(carry, layer):
+        x_BxTxD, cache = carry
+        layer_params, mask_index, index = layer
         mask_Bx1xTxS = masks[0] if masks_Mx is None else masks_Mx[mask_index]
         block = nnx.merge(graphdef, layer_params)
-        return layers.call_block(block, remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, layer_cache)
+        layer_cache = None if cache is None else layers.LayerOfStack(cache, index)
+        x_BxTxD, layer_cache = layers.call_block(block, remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, layer_cache)
+        return (x_BxTxD, None if cache is None else layer_cache.stack), None
 
-    return jax.lax.scan(step, x_BxTxD, (params, cache, mask_index_L))
+    layer_index_L = jnp.arange(len(mask_of_layer), dtype=jnp.int32)
+    (x_BxTxD, cache), _ = jax.lax.scan(step, (x_BxTxD, cache), (params, mask_index_L, layer_index_L))
+    return x_BxTxD, cache

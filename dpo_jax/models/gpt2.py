@@ -68,8 +68,8 @@ class GPT2Attention(nnx.Module):
         self.c_proj = layers.linear(D, D, bias=True, dtype=dtype, rngs=rngs)
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
-    ) -> tuple[jax.Array, layers.KVCache | None]:
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None
+    ) -> tuple[jax.Array, layers.LayerCache | None]:
         """Attend over the row (or the cache) under `mask`; returns ([B, T, D], the updated cache)."""
         B, T, D = x_BxTxD.shape
         H = self.num_heads
@@ -94,8 +94,8 @@ class GPT2Block(nnx.Module):
         )
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
-    ) -> tuple[jax.Array, layers.KVCache | None]:
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None
+    ) -> tuple[jax.Array, layers.LayerCache | None]:
         """One pre-norm residual block; returns ([B, T, D], the updated cache)."""
         attn_BxTxD, cache = self.attn(self.ln_1(x_BxTxD), positions_BxT, mask_Bx1xTxS, cache)
         x_BxTxD = x_BxTxD + attn_BxTxD
@@ -118,7 +118,8 @@ class GPT2(Decoder):
 
     def make_norm(self, config: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
         """ln_f."""
-        return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=jnp.dtype(config.dtype), rngs=rngs)
+        dtype = jnp.dtype(config.dtype)
+        return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
     def embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
         """wte(tokens) + wpe(positions); a position past the table gives NaN."""

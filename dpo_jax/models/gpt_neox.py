@@ -81,8 +81,8 @@ class GPTNeoXAttention(nnx.Module):
         self.dense = layers.linear(D, D, bias=config.attention_bias, dtype=dtype, rngs=rngs)
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
-    ) -> tuple[jax.Array, layers.KVCache | None]:
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None
+    ) -> tuple[jax.Array, layers.LayerCache | None]:
         """Attend over the row (or the cache) under `mask`; returns ([B, T, D], the updated cache)."""
         config = self.config
         B, T, D = x_BxTxD.shape
@@ -112,8 +112,8 @@ class GPTNeoXLayer(nnx.Module):
         )
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
-    ) -> tuple[jax.Array, layers.KVCache | None]:
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None
+    ) -> tuple[jax.Array, layers.LayerCache | None]:
         """One residual block; returns ([B, T, D], the updated cache)."""
         attn_BxTxD, cache = self.attention(self.input_layernorm(x_BxTxD), positions_BxT, mask_Bx1xTxS, cache)
         if self.use_parallel_residual:
@@ -133,7 +133,8 @@ class GPTNeoX(Decoder):
 
     def make_norm(self, config: GPTNeoXConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
         """final_layer_norm."""
-        return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=jnp.dtype(config.dtype), rngs=rngs)
+        dtype = jnp.dtype(config.dtype)
+        return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
 
 def _rope_from_hf(hf: Any) -> dict[str, Any]:

@@ -72,8 +72,8 @@ class GPTJAttention(nnx.Module):
         self.out_proj = layers.linear(D, D, bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
-    ) -> tuple[jax.Array, layers.KVCache | None]:
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None
+    ) -> tuple[jax.Array, layers.LayerCache | None]:
         """Attend over the row (or the cache) under `mask`; returns ([B, T, D], the updated cache)."""
         B, T, D = x_BxTxD.shape
         H, K = self.num_heads, D // self.num_heads
@@ -101,8 +101,8 @@ class GPTJBlock(nnx.Module):
         )
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
-    ) -> tuple[jax.Array, layers.KVCache | None]:
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None
+    ) -> tuple[jax.Array, layers.LayerCache | None]:
         """One parallel residual block; returns ([B, T, D], the updated cache)."""
         normed_BxTxD = self.ln_1(x_BxTxD)
         attn_BxTxD, cache = self.attn(normed_BxTxD, positions_BxT, mask_Bx1xTxS, cache)
@@ -121,7 +121,8 @@ class GPTJ(Decoder):
 
     def make_norm(self, config: GPTJConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
         """ln_f."""
-        return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=jnp.dtype(config.dtype), rngs=rngs)
+        dtype = jnp.dtype(config.dtype)
+        return layers.layer_norm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
     def tied(self) -> bool:
         """Never: GPT-J's head has its own weights and bias."""

@@ -217,11 +217,12 @@ def _load(
         if layer_paths_of_p[0] not in present:  # the LM head load_hf_body leaves abstract
             continue
         target = jax.ShapeDtypeStruct(flat_abstract[p].shape, jnp.dtype(dtype))
-        stacked = layer_paths_of_p != [p]
-        layer_shape = target.shape[1:] if stacked else target.shape
-        arrays = [_read_tensor(files, present[q], names[q][1], layer_shape, layout) for q in layer_paths_of_p]
-        array = (np.stack(arrays) if stacked else arrays[0]).astype(target.dtype)
-        del arrays
+        if layer_paths_of_p == [p]:
+            array = _read_tensor(files, present[p], names[p][1], target.shape, layout).astype(target.dtype)
+        else:  # stacked blocks: each layer's tensor converted straight into its slice
+            array = np.empty(target.shape, target.dtype)
+            for index, q in enumerate(layer_paths_of_p):
+                array[index] = _read_tensor(files, present[q], names[q][1], target.shape[1:], layout)
         loaded[p] = _place(array, target, None if shardings is None else shardings(p, target))
         del array
     logging.info("loaded %d tensors of %s from %s", len(present), layout.architecture, directory)

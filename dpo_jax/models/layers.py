@@ -183,26 +183,53 @@ class KVCache:
     v_BxSxGxK: jax.Array
 
 
+@flax.struct.dataclass
+class StackedKVCache:
+    """Every layer's KVCache stacked on a leading layer axis, the cache of blocks run in a scan (`scan_layers`)."""
+
+    k_LxBxSxGxK: jax.Array
+    v_LxBxSxGxK: jax.Array
+
+
+@flax.struct.dataclass
+class LayerOfStack:
+    """Layer `layer` of a StackedKVCache, as a scanned block sees its cache: decoding writes the new keys and values
+    straight into the stack (in place, nothing copied back per layer) and attends over that layer's slots."""
+
+    stack: StackedKVCache
+    layer: jax.Array  # int32 scalar
+
+
+LayerCache = KVCache | LayerOfStack  # what one block reads and writes while decoding
+
+
 def empty_cache(
     num_layers: int, batch: int, slots: int, num_kv_heads: int, head_dim: int, dtype: Dtype, *, stacked: bool = False
-) -> list[KVCache] | KVCache:
+) -> list[KVCache] | StackedKVCache:
     """A zeroed KVCache per layer, [batch, slots, num_kv_heads, head_dim] each in `dtype` (the compute dtype); or,
-    `stacked`, one KVCache of [num_layers, batch, ...] for blocks run in a scan."""
+    `stacked`, one StackedKVCache of [num_layers, batch, ...] for blocks run in a scan."""
     if stacked:
         zeros = jnp.zeros((num_layers, batch, slots, num_kv_heads, head_dim), dtype)
-        return KVCache(zeros, zeros)
+        return StackedKVCache(zeros, zeros)
     zeros = jnp.zeros((batch, slots, num_kv_heads, head_dim), dtype)
     return [KVCache(zeros, zeros) for _ in range(num_layers)]
 
 
 def cache_kv(
-    cache: KVCache | None, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array, positions_BxT: jax.Array
-) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    cache: LayerCache | None, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array, positions_BxT: jax.Array
+) -> tuple[jax.Array, jax.Array, LayerCache | None]:
     """(keys, values, cache) to attend over: the new k/v themselves without a cache; else the cache with the new
-    k/v written at their positions, and all its slots."""
+    k/v written at their positions, and all its slots (of its layer, in a stack)."""
     if cache is None:
         return k_BxTxGxK, v_BxTxGxK, None
     rows_Bx1 = jnp.arange(positions_BxT.shape[0])[:, None]
+    if isinstance(cache, LayerOfStack):
+        layer, stack = cache.layer, cache.stack
+        stack = StackedKVCache(
+            stack.k_LxBxSxGxK.at[layer, rows_Bx1, positions_BxT].set(k_BxTxGxK.astype(stack.k_LxBxSxGxK.dtype)),
+            stack.v_LxBxSxGxK.at[layer, rows_Bx1, positions_BxT].set(v_BxTxGxK.astype(stack.v_LxBxSxGxK.dtype)),
+        )
+        return stack.k_LxBxSxGxK[layer], stack.v_LxBxSxGxK[layer], LayerOfStack(stack, layer)
     cache = KVCache(
         cache.k_BxSxGxK.at[rows_Bx1, positions_BxT].set(k_BxTxGxK.astype(cache.k_BxSxGxK.dtype)),
         cache.v_BxSxGxK.at[rows_Bx1, positions_BxT].set(v_BxTxGxK.astype(cache.v_BxSxGxK.dtype)),
@@ -210,12 +237,12 @@ def cache_kv(
     return cache.k_BxSxGxK, cache.v_BxSxGxK, cache
 
 
-def cache_slots(cache: list[KVCache] | KVCache | None) -> int | None:
+def cache_slots(cache: list[KVCache] | StackedKVCache | None) -> int | None:
     """The number of slots of a model's cache, per layer or stacked (None without one): the key length its attention
     masks need."""
     if cache is None:
         return None
-    return (cache[0] if isinstance(cache, list) else cache).k_BxSxGxK.shape[-3]
+    return cache[0].k_BxSxGxK.shape[1] if isinstance(cache, list) else cache.k_LxBxSxGxK.shape[2]
 
 
 def attend(

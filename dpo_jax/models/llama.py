@@ -97,8 +97,8 @@ class LlamaAttention(nnx.Module):
         self.o_proj = layers.linear(config.num_heads * K, D, bias=config.o_bias, dtype=dtype, rngs=rngs)
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
-    ) -> tuple[jax.Array, layers.KVCache | None]:
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None
+    ) -> tuple[jax.Array, layers.LayerCache | None]:
         """Attend over the row (or the cache) under `mask`; returns ([B, T, D], the updated cache)."""
         config = self.config
         B, T, _ = x_BxTxD.shape
@@ -126,8 +126,8 @@ class LlamaDecoderLayer(nnx.Module):
         )
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.KVCache | None
-    ) -> tuple[jax.Array, layers.KVCache | None]:
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None
+    ) -> tuple[jax.Array, layers.LayerCache | None]:
         """One pre-norm residual block; returns ([B, T, D], the updated cache)."""
         attn_BxTxD, cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, mask_Bx1xTxS, cache)
         x_BxTxD = x_BxTxD + attn_BxTxD

@@ -103,7 +103,10 @@ def form_change(stored: Mapping[tuple, Any], expected: Mapping[tuple, Any]) -> F
             if source is None:
                 out[path] = restored[path]
                 continue
-            value = jnp.stack([restored[p] for p in source]) if isinstance(source, list) else restored[source[0]][source[1]]
+            if isinstance(source, list):  # the stack of the stored layers
+                value = jnp.stack([restored[p] for p in source])
+            else:  # one layer of the stored stack
+                value = restored[source[0]][source[1]]
             sharding = getattr(leaf, "sharding", None)
             out[path] = value if sharding is None else jax.device_put(value, sharding)
         return out
