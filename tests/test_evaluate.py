@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from dpo_jax.data import WordTokenizer
-from dpo_jax.evaluate import SampleEvaluator, reference_texts, sequence_kl
+from dpo_jax.evaluate import reference_texts
+from dpo_jax.sample_eval import SampleEvaluator, sequence_kl
 from dpo_jax.metrics_writer import MetricsWriter, stage_sample_files
 from dpo_jax.models import create_model, split_params
 from dpo_jax.sampling import SamplingSettings, sample
