@@ -3,7 +3,8 @@
 `read_gguf_config` turns the file's metadata into the transformers config a config.json would give, and
 `gguf_tensors` maps each GGUF tensor to its Hugging Face name with a reader that dequantises it (gguf-py, numpy)
 into nn.Linear's [out, in] layout and undoes llama.cpp's rotary row permutation of Q and K; `hf.py` loads them as
-it loads safetensors. Only what we can reproduce exactly is accepted: the Llama architecture, the tensor types in
+it loads safetensors. The metadata is parsed once per file version (seconds: gguf-py reads the whole vocabulary);
+tensors are read from a memory map that lives only while they are loaded. Only what we can reproduce exactly is accepted: the Llama architecture, the tensor types in
 `SUPPORTED_TYPES`, rotary without scaling or with linear scaling, one-file models. Anything else is a ValueError
 naming it. The tokenizer of the same file is read by data/gguf_tokenizer.py (data/ does not import models/).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
@@ -69,18 +70,42 @@ def open_gguf(path: str) -> gguf.GGUFReader:
     return reader
 
 
+class TensorInfo(NamedTuple):
+    """Where one tensor of a GGUF file lies, and how it is stored."""
+
+    name: str  # llama.cpp's name, e.g. blk.0.attn_q.weight
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # ggml order: [in, out]
+    offset: int  # of its bytes from the start of the file
+    num_bytes: int
+
+
 def read_gguf_config(path: str) -> Any:
     """The transformers config (a LlamaConfig: what config.json would hold) of the GGUF file at `path`.
     ValueError naming the file and the setting for an architecture, rope scaling or shape we do not implement."""
-    return _read_config(path, os.stat(path).st_mtime_ns if os.path.isfile(path) else 0)
+    return _read_header(path, _version(path))[0]
+
+
+def _version(path: str) -> tuple[int, int]:
+    """(modification time, size) of `path`, so a cache entry of an older version of the file is not used."""
+    stat = os.stat(path) if os.path.isfile(path) else None
+    return (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
 
 
 @functools.lru_cache(maxsize=4)
-def _read_config(path: str, modified: int) -> Any:
-    """`read_gguf_config`, cached per file version: validation, the tokenizer and the loader each ask for it."""
+def _read_header(path: str, version: tuple[int, int]) -> tuple[Any, tuple[TensorInfo, ...]]:
+    """(transformers config, tensors) of the GGUF file at `path`, cached per file version: config validation and
+    the loader each ask for them."""
+    reader = open_gguf(path)
+    tensors = tuple(TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset),
+                               int(t.n_bytes)) for t in reader.tensors)
+    return _config_of(reader, path), tensors
+
+
+def _config_of(reader: gguf.GGUFReader, path: str) -> Any:
+    """The transformers config of the file `reader` reads (`path`, for messages)."""
     import transformers
 
-    reader = open_gguf(path)
     architecture = _field(reader, gguf.Keys.General.ARCHITECTURE, "")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported; supported: "
@@ -135,17 +160,19 @@ def _read_config(path: str, modified: int) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class GGUFTensor:
-    """One tensor of a GGUF file, read when called: dequantised to float32 in nn.Linear's [out, in] layout (a norm:
-    [n]), its rows un-permuted if it is a Q or K projection (`rotary_heads` heads). Prints as its file, for
-    messages."""
+    """One tensor of a GGUF file, read when called from `file_bytes` (the file's memory map): dequantised to
+    float32 in nn.Linear's [out, in] layout (a norm: [n]), its rows un-permuted if it is a Q or K projection
+    (`rotary_heads` heads). Prints as its file, for messages."""
 
     path: str
-    tensor: Any  # gguf.ReaderTensor
+    info: TensorInfo
+    file_bytes: np.ndarray
     rotary_heads: int | None = None
 
     def __call__(self) -> np.ndarray:
-        array = np.asarray(gguf.quants.dequantize(self.tensor.data, self.tensor.tensor_type), dtype=np.float32)
-        array = array.reshape(tuple(int(d) for d in reversed(self.tensor.shape)))  # ggml order is [in, out]
+        stored = self.file_bytes[self.info.offset:self.info.offset + self.info.num_bytes]
+        array = np.asarray(gguf.quants.dequantize(stored, self.info.tensor_type), dtype=np.float32)
+        array = array.reshape(self.info.shape[::-1])  # ggml order is [in, out]
         return array if self.rotary_heads is None else unpermute_rotary(array, self.rotary_heads)
 
     def __str__(self) -> str:
@@ -156,16 +183,17 @@ def gguf_tensors(path: str, num_heads: int, num_kv_heads: int) -> dict[str, GGUF
     """{Hugging Face tensor name: tensor} of the GGUF file at `path`, whose model has `num_heads` query and
     `num_kv_heads` key-value heads. Tensors without a Hugging Face name keep their GGUF name (so the loader reports
     them as unexpected). ValueError naming a tensor of a type we do not accept."""
-    reader = open_gguf(path)
+    _, infos = _read_header(path, _version(path))
+    file_bytes = np.memmap(path, mode="r")  # unmapped when the last tensor reading it is dropped
     rotary_heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
     tensors = {}
-    for tensor in reader.tensors:
-        if tensor.tensor_type not in SUPPORTED_TYPES:
+    for info in infos:
+        if info.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(
-                f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which is not supported; "
+                f"{path}: tensor {info.name!r} has type {info.tensor_type.name}, which is not supported; "
                 f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}")
-        module = tensor.name.rsplit(".", 1)[0].rsplit(".", 1)[-1]  # blk.3.attn_q.weight -> attn_q
-        tensors[hf_tensor_name(tensor.name)] = GGUFTensor(path, tensor, rotary_heads.get(module))
+        module = info.name.rsplit(".", 1)[0].rsplit(".", 1)[-1]  # blk.3.attn_q.weight -> attn_q
+        tensors[hf_tensor_name(info.name)] = GGUFTensor(path, info, file_bytes, rotary_heads.get(module))
     return tensors
 
 
