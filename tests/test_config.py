@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from configs import demo
@@ -101,3 +102,16 @@ def test_cli_override_with_bad_value_fails_with_the_key(tmp_path):
 def test_demo_config_rejects_unknown_argument():
     with pytest.raises(ValueError, match="configs/demo.py: unknown argument 'big'"):
         demo.get_config("big")
+
+
+def test_model_scan_layers_is_none_true_or_false():
+    config = demo.get_config()
+    for value in (None, True, False):  # None: auto, from 8 layers on
+        config.model.scan_layers = value
+        validate(config)
+    with pytest.raises(TypeError):
+        config.model.scan_layers = "yes"  # a typed placeholder: --config.model.scan_layers=True parses as a bool
+    config.model = ml_collections.ConfigDict({**config.model.to_dict(), "scan_layers": "yes"})  # e.g. from JSON
+    with pytest.raises(ConfigError, match=r"config\.model\.scan_layers = 'yes' is invalid: expected None \(auto: "
+                                          r"from 8 layers on\), True or False"):
+        validate(config)

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from conftest import HF_FIXTURES, interrupt_stage_at, make_short_config
-from dpo_jax import build, checkpoint, models, run, sharding
+from dpo_jax import build, checkpoint, export, models, run, sharding
 from dpo_jax.sampling import generate
 from dpo_jax.step import TrainState
 from test_models import TINY_FAMILIES, VOCAB
@@ -236,7 +236,8 @@ def test_checkpoints_restore_into_the_other_form(tmp_path):
 
 def test_a_run_checkpointed_unrolled_resumes_scanned(tmp_path, monkeypatch, caplog):
     """The short run, killed after its step-2 SFT checkpoint with the blocks unrolled, resumes with them stacked
-    (as a run of ≥ 8 layers written by older code resumes now) and ends near the uninterrupted unrolled run."""
+    (as a run of ≥ 8 layers written by older code resumes now), ends near the uninterrupted unrolled run, and
+    exports (each layer's slice under its name) as the Hugging Face checkpoint those weights make."""
 
     class Interrupted(Exception):
         pass
@@ -261,6 +262,10 @@ def test_a_run_checkpointed_unrolled_resumes_scanned(tmp_path, monkeypatch, capl
     expected = checkpoint.load_final_params(uninterrupted, "sft", models.abstract_model(model_config)[1])
     for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert export.export_checkpoint(resumed, str(tmp_path / "hf")) == ("sft", 5)
+    _, exported, exported_config = models.load_hf(str(tmp_path / "hf"), scan_layers=True)
+    assert exported_config == model_config
+    assert_trees_equal(exported, stacked)
 
 
 if __name__ == "__main__":

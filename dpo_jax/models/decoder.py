@@ -152,12 +152,13 @@ def scan_blocks(
     writing its new keys and values into its layer in place (`layers.LayerOfStack`): no second copy of the cache."""
     graphdef, params = nnx.split(blocks)
     mask_index_L = jnp.asarray(mask_of_layer, jnp.int32)
-    masks_Mx = jnp.stack(masks) if len(masks) > 1 else None  # layers with different windows pick theirs by index
+    # Layers of different windows pick their mask (of M distinct ones) by index.
+    masks_MxBx1xTxS = jnp.stack(masks) if len(masks) > 1 else None
 
     def step(carry, layer):
         x_BxTxD, cache = carry
         layer_params, mask_index, index = layer
-        mask_Bx1xTxS = masks[0] if masks_Mx is None else masks_Mx[mask_index]
+        mask_Bx1xTxS = masks[0] if masks_MxBx1xTxS is None else masks_MxBx1xTxS[mask_index]
         block = nnx.merge(graphdef, layer_params)
         layer_cache = None if cache is None else layers.LayerOfStack(cache, index)
         x_BxTxD, layer_cache = layers.call_block(block, remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, layer_cache)
