@@ -79,16 +79,18 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 def model_config_of(config: ml_collections.ConfigDict, vocab_size: int) -> Any:
     """The architecture to train, without allocating it: `config.model.path`'s config.json, or a random model of
-    `config.model`'s family and sizes (vocabulary `vocab_size`); compute dtype and remat from `config.model`."""
+    `config.model`'s family and sizes (vocabulary `vocab_size`); compute dtype, remat and scan_layers from
+    `config.model`."""
     if not config.model.path:
         return models.config_from_section(config.model, vocab_size=vocab_size)
     defaults = config_lib.base_config().model
-    ignored = sorted(k for k in config.model if k not in ("path", "dtype", "reference_dtype", "remat")
+    ignored = sorted(k for k in config.model if k not in ("path", "dtype", "reference_dtype", "remat", "scan_layers")
                      and config.model[k] != defaults.get(k))
     if ignored:
         logging.warning("model.path is set, so config.model.%s are ignored: the checkpoint's config.json "
                         "defines the architecture", ", ".join(ignored))
-    return dataclasses.replace(models.read_hf_config(config.model.path, config.model.dtype), remat=config.model.remat)
+    return dataclasses.replace(models.read_hf_config(config.model.path, config.model.dtype), remat=config.model.remat,
+                               scan_layers=config.model.scan_layers)
 
 
 def build_model(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding.Mesh) -> tuple[Any, Any, Any]:
@@ -104,7 +106,8 @@ def build_model(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding
     shardings = sharding.tree_shardings(abstract, models.family_of(model_config).name, mesh)
     if config.model.path:
         by_path = {models.param_path(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
-        _, params, _ = models.load_hf(config.model.path, shardings=lambda path, _: by_path[path])
+        _, params, _ = models.load_hf(config.model.path, shardings=lambda path, _: by_path[path],
+                                      scan_layers=model_config.scan_layers)
     else:
         def init():
             return models.split_params(models.model_from_config(model_config, nnx.Rngs(config.seed)))[1]

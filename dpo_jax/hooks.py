@@ -66,14 +66,20 @@ class Hooks:
         self._hooks.append(Hook(fn, every, on_stop, overhead))
 
     def run(self, info: StepInfo) -> None:
-        """Call each due hook in order."""
+        """Call each due hook in order. Before the first overhead hook the step is waited for, so that its time is
+        the training's, not the hook's."""
+        waited = False
         for hook in self._hooks:
-            if info.step % hook.every == 0 or info.last or (hook.on_stop and info.stop_requested):
-                info.overhead_seconds = self.overhead_seconds
-                started = time.perf_counter()
-                hook.fn(info)
-                if hook.overhead:
-                    self.overhead_seconds += time.perf_counter() - started
+            if not (info.step % hook.every == 0 or info.last or (hook.on_stop and info.stop_requested)):
+                continue
+            if hook.overhead and not waited:
+                jax.block_until_ready(info.metrics)
+                waited = True
+            info.overhead_seconds = self.overhead_seconds
+            started = time.perf_counter()
+            hook.fn(info)
+            if hook.overhead:
+                self.overhead_seconds += time.perf_counter() - started
 
 
 class NonFiniteSteps:
