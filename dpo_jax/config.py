@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
             orpo_lambda=0.1,
             desirable_weight=1.0,  # kto λ_D
             undesirable_weight=1.0,  # kto λ_U
+            dpop_lambda=50.0,  # dpop λ >= 0: weight of the penalty on log π(y_w) falling below π_ref's (paper: 50)
+            discopop_tau=0.05,  # discopop τ > 0: temperature of its logistic/exponential mix (paper: 0.05)
+            exo_epsilon=1e-3,  # exo_pair ε in (0, 1): the target's mass on the rejected completion (TRL: 1e-3)
         )
     )
     config.optimizer = ml_collections.ConfigDict(
@@ -311,8 +314,10 @@ def _validate_loss_and_optimizer(config: ml_collections.ConfigDict) -> None:
     _choice(config, "loss.reference_free", (True, False))
     for key in ("alpha", "gamma", "orpo_lambda"):
         _number(config, f"loss.{key}", -inf, inf)
-    for key in ("desirable_weight", "undesirable_weight"):
+    for key in ("desirable_weight", "undesirable_weight", "discopop_tau"):
         _number(config, f"loss.{key}", 0, inf, low_open=True)
+    _number(config, "loss.dpop_lambda", 0, inf)
+    _number(config, "loss.exo_epsilon", 0, 1, low_open=True, high_open=True)
 
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)

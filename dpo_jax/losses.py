@@ -54,6 +54,9 @@ class LossParams:
     orpo_lambda: float = 0.1  # orpo odds-ratio weight
     desirable_weight: float = 1.0  # kto λ_D
     undesirable_weight: float = 1.0  # kto λ_U
+    dpop_lambda: float = 50.0  # dpop λ: penalty weight on the chosen log-ratio falling below 0 (Pal et al.: 50)
+    discopop_tau: float = 0.05  # discopop τ: temperature of the logistic/exponential mix (Lu et al., TRL: 0.05)
+    exo_epsilon: float = 1e-3  # exo_pair ε: the target's mass on the rejected completion (TRL: 1e-3)
 
 
 DATA_KINDS = ("paired", "unpaired", "both")
@@ -169,6 +172,99 @@ def simpo(logps: PairLogps, p: LossParams) -> jax.Array:
         - p.gamma
     )
     return _neg_log_sigmoid(z)
+
+
+@register_loss("dpo_norm")
+def dpo_norm(logps: PairLogps, p: LossParams) -> jax.Array:
+    """−log σ(β·(h_w/|y_w| − h_l/|y_l|)): length-normalised DPO, each log-ratio divided by its completion's length
+    (Tülu 3, Lambert et al., 2024, open-instruct's `dpo_norm`; its paper uses β = 5, so set `loss.beta`)."""
+    normalised_margin = (logps.policy_chosen - logps.reference_chosen) / logps.chosen_lengths - (
+        logps.policy_rejected - logps.reference_rejected
+    ) / logps.rejected_lengths
+    return _neg_log_sigmoid(p.beta * normalised_margin)
+
+
+@register_loss("dpop")
+def dpop(logps: PairLogps, p: LossParams) -> jax.Array:
+    """−log σ(β·(Δ − λ·max(0, log π_ref(y_w) − log π_θ(y_w)))): DPO-Positive (Pal et al., 2024, "Smaug", eq. 3),
+    penalising the chosen log-prob falling below π_ref's; λ = `dpop_lambda` (the paper's 50)."""
+    chosen_shortfall = jax.nn.relu(logps.reference_chosen - logps.policy_chosen)
+    return _neg_log_sigmoid(p.beta * (log_ratio_margin(logps) - p.dpop_lambda * chosen_shortfall))
+
+
+@register_loss("nca_pair")
+def nca_pair(logps: PairLogps, p: LossParams) -> jax.Array:
+    """−log σ(βh_w) − ½·log σ(−βh_w) − ½·log σ(−βh_l): NCA (Chen et al., 2024, "Noise Contrastive Alignment"),
+    its pairwise form as TRL's `nca_pair` writes it: absolute rewards, so y_w's likelihood is pushed up."""
+    reward_chosen = p.beta * (logps.policy_chosen - logps.reference_chosen)
+    reward_rejected = p.beta * (logps.policy_rejected - logps.reference_rejected)
+    return (
+        _neg_log_sigmoid(reward_chosen)
+        + 0.5 * _neg_log_sigmoid(-reward_chosen)
+        + 0.5 * _neg_log_sigmoid(-reward_rejected)
+    )
+
+
+@register_loss("apo_zero")
+def apo_zero(logps: PairLogps, p: LossParams) -> jax.Array:
+    """(1 − σ(βh_w)) + σ(βh_l): APO-zero (D'Oosterlinck et al., 2024, "Anchored Preference Optimization", eq. 7,
+    TRL's `apo_zero`): raise y_w's likelihood, lower y_l's; for chosen outputs better than the model's own."""
+    return (1 - jax.nn.sigmoid(p.beta * (logps.policy_chosen - logps.reference_chosen))) + jax.nn.sigmoid(
+        p.beta * (logps.policy_rejected - logps.reference_rejected)
+    )
+
+
+@register_loss("apo_down")
+def apo_down(logps: PairLogps, p: LossParams) -> jax.Array:
+    """σ(βh_w) + (1 − σ(βΔ)): APO-down (D'Oosterlinck et al., 2024, eq. 8, TRL's `apo_down`): lower both
+    likelihoods, y_l's more; for chosen outputs worse than the model's own."""
+    chosen_log_ratio = logps.policy_chosen - logps.reference_chosen
+    return jax.nn.sigmoid(p.beta * chosen_log_ratio) + (1 - jax.nn.sigmoid(p.beta * log_ratio_margin(logps)))
+
+
+@register_loss("exo_pair")
+def exo_pair(logps: PairLogps, p: LossParams) -> jax.Array:
+    """KL(σ(βΔ), σ(−βΔ) ‖ 1−ε, ε) = σ(βΔ)·(log σ(βΔ) − log(1−ε)) + σ(−βΔ)·(log σ(−βΔ) − log ε): EXO's pairwise
+    form (Ji et al., 2024, "Towards Efficient Exact Optimization of LM Alignment", eq. 16) as TRL's `exo_pair`
+    computes it; ε = `exo_epsilon` (TRL takes it from label_smoothing, 1e-3 when that is 0)."""
+    z = p.beta * log_ratio_margin(logps)
+    eps = p.exo_epsilon
+    return jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps)) + jax.nn.sigmoid(-z) * (
+        jax.nn.log_sigmoid(-z) - jnp.log(eps)
+    )
+
+
+@register_loss("sppo_hard")
+def sppo_hard(logps: PairLogps, p: LossParams) -> jax.Array:
+    """(h_w − 1/(2β))² + (h_l + 1/(2β))²: SPPO (Wu et al., 2024, "Self-Play Preference Optimization", eq. 4.7) with
+    hard labels, P(y_w ≻ y_l) = 1 and P(y_l ≻ y_w) = 0, as TRL's `sppo_hard`; β plays 1/η."""
+    half_inverse_beta = 0.5 / p.beta
+    return (logps.policy_chosen - logps.reference_chosen - half_inverse_beta) ** 2 + (
+        logps.policy_rejected - logps.reference_rejected + half_inverse_beta
+    ) ** 2
+
+
+@register_loss("discopop")
+def discopop(logps: PairLogps, p: LossParams) -> jax.Array:
+    """(1 − σ(βΔ/τ))·(−log σ(βΔ)) + σ(βΔ/τ)·exp(−βΔ): DiscoPOP, the log-ratio modulated logistic loss (Chris Lu et
+    al., 2024, "Discovering Preference Optimization Algorithms with and for LLMs", eq. 5, as TRL's `discopop`);
+    τ = `discopop_tau` (the paper's 0.05)."""
+    z = p.beta * log_ratio_margin(logps)
+    modulation = jax.nn.sigmoid(z / p.discopop_tau)
+    # σ(z/τ)·exp(−z) as one exp: finite where exp(−z) alone overflows to inf and 0·inf would be NaN.
+    return (1 - modulation) * _neg_log_sigmoid(z) + jnp.exp(jax.nn.log_sigmoid(z / p.discopop_tau) - z)
+
+
+@register_loss("wpo")
+def wpo(logps: PairLogps, p: LossParams) -> jax.Array:
+    """w·dpo with w = exp(lp_w/|y_w| + lp_l/|y_l|), no gradient through w: WPO (Zhou et al., 2024, "Weighted
+    Preference Optimization"), pairs weighted by how likely the current policy is to produce them. Sequence-level
+    form: the loss sees only sequence log-probs, so w uses the length-normalised sequence log-prob, not the paper's
+    (and TRL's `use_weighting`) per-token weights normalised by Σ_v π(v)²."""
+    weight = jax.lax.stop_gradient(
+        jnp.exp(logps.policy_chosen / logps.chosen_lengths + logps.policy_rejected / logps.rejected_lengths)
+    )
+    return weight * dpo(logps, p)
 
 
 def _log_odds(mean_token_logp: jax.Array) -> jax.Array:

@@ -25,12 +25,17 @@ def neg_log_sigmoid(x):
     return math.log1p(math.exp(-x))
 
 
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
 def expected(name, p):
     """The loss of each pair written out with the math module, one pair at a time."""
     out = []
     for i in range(2):
         d, b, eps = DELTA[i], p.beta, p.label_smoothing
         lw, ll, nw, nl = POLICY_W[i], POLICY_L[i], LEN_W[i], LEN_L[i]
+        hw, hl = lw - REF_W[i], ll - REF_L[i]  # (1, −1) and (−1, 0)
         if name in ("dpo", "cdpo"):
             out.append((1 - eps) * neg_log_sigmoid(b * d) + eps * neg_log_sigmoid(-b * d))
         elif name == "robust":
@@ -56,6 +61,28 @@ def expected(name, p):
             out.append(-lw / nw + p.orpo_lambda * neg_log_sigmoid(odds_w - odds_l))
         elif name == "sft":
             out.append(-lw / nw)
+        elif name == "dpo_norm":
+            out.append(neg_log_sigmoid(b * (hw / nw - hl / nl)))
+        elif name == "dpop":
+            out.append(neg_log_sigmoid(b * (d - p.dpop_lambda * max(0.0, -hw))))
+        elif name == "nca_pair":
+            out.append(neg_log_sigmoid(b * hw) + 0.5 * neg_log_sigmoid(-b * hw) + 0.5 * neg_log_sigmoid(-b * hl))
+        elif name == "apo_zero":
+            out.append((1 - sigmoid(b * hw)) + sigmoid(b * hl))
+        elif name == "apo_down":
+            out.append(sigmoid(b * hw) + (1 - sigmoid(b * d)))
+        elif name == "exo_pair":
+            e = p.exo_epsilon
+            out.append(sigmoid(b * d) * (math.log(sigmoid(b * d)) - math.log(1 - e))
+                       + sigmoid(-b * d) * (math.log(sigmoid(-b * d)) - math.log(e)))
+        elif name == "sppo_hard":
+            out.append((hw - 1 / (2 * b)) ** 2 + (hl + 1 / (2 * b)) ** 2)
+        elif name == "discopop":
+            m = sigmoid(b * d / p.discopop_tau)
+            out.append((1 - m) * neg_log_sigmoid(b * d) + m * math.exp(-b * d))
+        elif name == "wpo":
+            dpo = (1 - eps) * neg_log_sigmoid(b * d) + eps * neg_log_sigmoid(-b * d)
+            out.append(math.exp(lw / nw + ll / nl) * dpo)
         else:
             raise AssertionError(f"no hand-computed value for {name}")
     return out
@@ -63,7 +90,8 @@ def expected(name, p):
 
 PARAMS = [
     losses.LossParams(beta=0.1),
-    losses.LossParams(beta=0.5, label_smoothing=0.2, alpha=0.3, gamma=0.7, orpo_lambda=0.25),
+    losses.LossParams(beta=0.5, label_smoothing=0.2, alpha=0.3, gamma=0.7, orpo_lambda=0.25, dpop_lambda=2.0,
+                      discopop_tau=0.3, exo_epsilon=0.1),
 ]
 
 
@@ -140,10 +168,6 @@ def unpaired_logps(**changes):
     return losses.UnpairedLogps(**{k: jnp.array(v, jnp.float32) for k, v in {**UNPAIRED, **changes}.items()})
 
 
-def sigmoid(x):
-    return 1 / (1 + math.exp(-x))
-
-
 def test_kto_matches_hand_computed():
     params = losses.LossParams(beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
     z0 = 1 / 3
@@ -171,3 +195,34 @@ def test_kto_metrics_and_sft_on_unpaired_data():
     assert losses.takes("sft", paired=False) and losses.takes("kto", paired=False) and not losses.takes("dpo", False)
     with pytest.raises(ValueError, match="loss 'dpo' takes paired data, not unpaired"):
         losses.pair_losses("dpo", unpaired_logps(), params)
+
+
+def test_dpop_penalises_chosen_below_reference():
+    # β=0.1, λ=50. Pair 0: h_w = 1 > 0, no penalty, = dpo. Pair 1: h_w = −1, z = 0.1·(−1 − 50·1) = −5.1.
+    got = losses.pair_losses("dpop", pair_logps(), losses.LossParams(beta=0.1))
+    np.testing.assert_allclose(got, [0.5981389, 5.1 + math.log1p(math.exp(-5.1))], rtol=1e-6)
+
+
+def test_wpo_weight_carries_no_gradient():
+    # d wpo / d lp_w = w·(−β·σ(−βΔ)) with w = exp(lp_w/|y_w| + lp_l/|y_l|) held constant; pair 0: w = e^(−1 − 1.5).
+    params = losses.LossParams(beta=0.1)
+    grads = jax.grad(lambda lp: losses.pair_losses("wpo", pair_logps()._replace(policy_chosen=lp), params).sum())(
+        pair_logps().policy_chosen)
+    assert float(grads[0]) == pytest.approx(-math.exp(-2.5) * 0.1 * sigmoid(-0.2), rel=1e-5)
+
+
+def test_discopop_is_finite_far_from_zero():
+    # Pair 0: Δ = (−10003 + 4) − (−1) = −9998, βΔ = −999.8: exp(−βΔ) overflows float32 alone, but σ(βΔ/τ)·exp(−βΔ)
+    # underflows to 0, leaving −log σ(βΔ) ≈ 999.8. Pair 1: βΔ = 1000.7, the loss ≈ 0.
+    logps = pair_logps()._replace(policy_chosen=jnp.array([-10003.0, 10003.0]))
+    params = losses.LossParams(beta=0.1)
+    got = losses.pair_losses("discopop", logps, params)
+    assert float(got[0]) == pytest.approx(999.8, rel=1e-6) and float(got[1]) == pytest.approx(0.0, abs=1e-6)
+    grads = jax.grad(lambda lp: losses.pair_losses("discopop", logps._replace(policy_chosen=lp), params).sum())(
+        logps.policy_chosen)
+    assert np.all(np.isfinite(np.asarray(grads)))
+
+
+def test_new_losses_need_reference():
+    for name in ("dpo_norm", "dpop", "nca_pair", "apo_zero", "apo_down", "exo_pair", "sppo_hard", "discopop", "wpo"):
+        assert losses.uses_reference(name, losses.LossParams()), name
