@@ -186,8 +186,9 @@ def dpo_norm(logps: PairLogps, p: LossParams) -> jax.Array:
 
 @register_loss("dpop")
 def dpop(logps: PairLogps, p: LossParams) -> jax.Array:
-    """−log σ(β·(Δ − λ·max(0, log π_ref(y_w) − log π_θ(y_w)))): DPO-Positive (Pal et al., 2024, "Smaug", eq. 3),
-    penalising the chosen log-prob falling below π_ref's; λ = `dpop_lambda` (the paper's 50)."""
+    """−log σ(β·(Δ − λ·max(0, log π_ref(y_w) − log π_θ(y_w)))): DPO-Positive (Pal et al., 2024, "Smaug: Fixing
+    Failure Modes of Preference Optimisation with DPO-Positive"), penalising the chosen log-prob falling below
+    π_ref's; λ = `dpop_lambda` (the paper's 50)."""
     chosen_shortfall = jax.nn.relu(logps.reference_chosen - logps.policy_chosen)
     return _neg_log_sigmoid(p.beta * (log_ratio_margin(logps) - p.dpop_lambda * chosen_shortfall))
 
@@ -257,10 +258,10 @@ def discopop(logps: PairLogps, p: LossParams) -> jax.Array:
 
 @register_loss("wpo")
 def wpo(logps: PairLogps, p: LossParams) -> jax.Array:
-    """w·dpo with w = exp(lp_w/|y_w| + lp_l/|y_l|), no gradient through w: WPO (Zhou et al., 2024, "Weighted
-    Preference Optimization"), pairs weighted by how likely the current policy is to produce them. Sequence-level
-    form: the loss sees only sequence log-probs, so w uses the length-normalised sequence log-prob, not the paper's
-    (and TRL's `use_weighting`) per-token weights normalised by Σ_v π(v)²."""
+    """w·dpo with w = exp(lp_w/|y_w| + lp_l/|y_l|), no gradient through w: WPO (Zhou et al., 2024, "WPO: Enhancing
+    RLHF with Weighted Preference Optimization"), pairs weighted by how likely the current policy is to produce them.
+    Sequence-level form: the loss sees only sequence log-probs, so w uses the length-normalised sequence log-prob,
+    not the paper's (and TRL's `use_weighting`) per-token weights normalised by Σ_v π(v)²."""
     weight = jax.lax.stop_gradient(
         jnp.exp(logps.policy_chosen / logps.chosen_lengths + logps.policy_rejected / logps.rejected_lengths)
     )
