@@ -41,5 +41,6 @@ setup(
         ],
         "notebooks": ["ipywidgets", "jupyter"],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9"],  # the site from mkdocs.yml; tests/test_docs.py builds it
+        "experiments": ["vadersentiment>=3.3.2"],  # experiments/real_sentiment's reward (VADER, a lexicon scorer)
     },
 )

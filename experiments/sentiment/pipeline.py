@@ -76,7 +76,7 @@ QUICK = Scale(sft_reviews=2_000, sft_steps=80, train_prefixes=64, eval_prefixes=
               eval_every=2, model=(*MODEL, ("num_layers", 1)), warmup_steps=2,
               methods=("dpo_beta0.1", "dpo_beta5", "unweighted_beta0.1", "unlikelihood_alpha0.1", "preferred_ft"))
 
-# Learning rates: chosen by the runs reported in README.md ("Reproducing the paper").
+# Learning rates: chosen by the runs reported in docs/paper.md.
 METHODS: tuple[Method, ...] = (
     *(Method("DPO", "dpo", "beta", beta, 3e-4) for beta in (0.05, 0.1, 1.0, 5.0)),
     Method("Unweighted", "unweighted", "beta", 0.1, 3e-4),
@@ -162,13 +162,15 @@ def write_builtin_corpus(scale: Scale, paths: Paths, seed: int = 0) -> None:
         write_jsonl(paths.sft_eval, records[:512])
 
 
-def sample_completions(config: ml_collections.ConfigDict, sft_workdir: str, prompts: Sequence[str], num: int,
+def sample_completions(config: ml_collections.ConfigDict, sft_workdir: str, prompts: Sequence[str | list], num: int,
                        seed: int) -> list[list[str]]:
-    """`num` completions of each prompt from the SFT model at `sft_workdir`: config.eval's settings at temperature 1."""
+    """`num` completions of each prompt (a string or chat messages) at config.eval's settings at temperature 1, from
+    the SFT model at `sft_workdir`, or with `sft_workdir` "" from config.model's own checkpoint (a pretrained π_ref)."""
     tokenizer = data.get_tokenizer(config.data.tokenizer, config.model.path)
     mesh = build.make_mesh(config)
     graphdef, params, _ = build.build_model(config, tokenizer, mesh)
-    params = checkpoint.load_final_params(sft_workdir, "sft", checkpoint.abstract(params))
+    if sft_workdir:
+        params = checkpoint.load_final_params(sft_workdir, "sft", checkpoint.abstract(params))
     tokens_NxP, lengths_N = data.encode_prompts(prompts, tokenizer, max_prompt_length=config.data.max_prompt_length,
                                                 truncation_mode=config.data.truncation_mode)
     rows = np.repeat(np.arange(len(prompts)), num)  # row i·num + k: sample k of prompt i

@@ -33,7 +33,8 @@ def fill_missing_kl(config: ml_collections.ConfigDict, workdir: str) -> int:
     graphdef, params, _ = build.build_model(config, tokenizer, mesh)
     evaluator = build.make_evaluator(config, graphdef, build.build_data(config, tokenizer), tokenizer, mesh)
     abstract = checkpoint.abstract(params)
-    reference = checkpoint.load_final_params(config.dpo.reference_workdir, "sft", abstract)
+    reference = (checkpoint.load_final_params(config.dpo.reference_workdir, "sft", abstract)
+                 if config.dpo.reference_workdir else params)  # else π_ref is config.model's checkpoint itself
     for step, path in missing:
         params = reference if step == 0 else checkpoint.load_final_params(workdir, "dpo", abstract, step=step)
         _, redrawn = evaluator(params, reference)

@@ -103,10 +103,11 @@ def dominance_summary(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_frontier(rows: Sequence[dict], path: str, title: str = "") -> None:
+def plot_frontier(rows: Sequence[dict], path: str, title: str = "", ylabel: str = "reward (p(positive) of samples)",
+                  reference_label: str = "SFT (π_ref)") -> None:
     """Reward against KL (log-scaled above 0.1 nats), a colour per method family and a shade and marker per
     hyper-parameter, each method's evaluations joined in step order; DPO's mixture frontier dashed; π_ref (step 0)
-    as a black star."""
+    as a black star named `reference_label`."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # not pyplot: no global backend switch (as metrics_writer)
 
@@ -131,10 +132,10 @@ def plot_frontier(rows: Sequence[dict], path: str, title: str = "") -> None:
     reference = [r for r in rows if r["step"] == 0]
     if reference:
         ax.scatter([reference[0]["kl"]], [reference[0]["reward"]], marker="*", s=140, color="black",
-                   label="SFT (π_ref)", zorder=5)
+                   label=reference_label, zorder=5)
     ax.set_xscale("symlog", linthresh=0.1, linscale=0.5)  # linear below 0.1 nats: the low-KL points spread out
     ax.set_xlabel("KL(π ‖ π_ref) of samples, nats (log scale above 0.1)")
-    ax.set_ylabel("reward (p(positive) of samples)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "Reward vs KL to the reference (IMDb-style sentiment, Fig. 2 left)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
