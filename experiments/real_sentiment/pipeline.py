@@ -27,10 +27,8 @@ from dpo_jax import fetch, rewards
 from experiments.real_sentiment import prompts, report
 from experiments.real_sentiment import reward as vader
 from experiments.sentiment import pipeline as sentiment_pipeline
-from experiments.sentiment import posthoc_kl
 from experiments.sentiment.jsonl import write_jsonl
 from experiments.sentiment.pipeline import Method
-from experiments.sweep.execution import train_one
 
 SAMPLES_PER_PROMPT = 4
 SAMPLING_STREAMS = {"train": 0, "eval": 1}
@@ -201,15 +199,8 @@ def run_experiment(workdir: str, scale: Scale = FULL, seed: int = 0) -> dict:
     with open(paths.pairs_report) as f:
         pairs_report = json.load(f)
     base = base_config(scale, paths, seed, eval_prompts=pairs_report["eval"]["pairs"])
-    runs = []
-    for method in methods(scale):
-        config = method_config(base, method, paths, scale)
-        if (seconds := train_one(paths.method(method), config, method.name)) is not None:
-            timings[method.name] = seconds
-        began = time.perf_counter()
-        if posthoc_kl.fill_missing_kl(config, paths.method(method)):
-            timings[f"{method.name}/posthoc_kl"] = time.perf_counter() - began
-        runs.append((method, paths.method(method)))
+    runs = sentiment_pipeline.train_methods([(m, method_config(base, m, paths, scale)) for m in methods(scale)],
+                                            paths, timings)
     result = report.write_report(workdir, runs, base.eval.reward, scale.max_new_tokens)
     timings["total_this_call"] = time.perf_counter() - started
     result = {"scale": dataclasses.asdict(scale), "model_path": base.model.path, "pairs": pairs_report,

@@ -222,6 +222,20 @@ def recorded_timings(workdir: str) -> dict:
         return {}
 
 
+def train_methods(configs: Sequence[tuple[Method, ml_collections.ConfigDict]], paths, timings: dict) -> list:
+    """Train each method's run in `paths.method(method)` (a finished one is skipped), then fill in the sample KL of
+    runs trained without π_ref; records the seconds of what ran in `timings`; returns [(method, workdir)]."""
+    runs = []
+    for method, config in configs:
+        if (seconds := train_one(paths.method(method), config, method.name)) is not None:
+            timings[method.name] = seconds
+        began = time.perf_counter()
+        if posthoc_kl.fill_missing_kl(config, paths.method(method)):
+            timings[f"{method.name}/posthoc_kl"] = time.perf_counter() - began
+        runs.append((method, paths.method(method)))
+    return runs
+
+
 def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections.ConfigDict | None = None,
                    reward: str = "", seed: int = 0) -> dict:
     """Every stage in `workdir`, reusing the finished ones, then the report (see report.py); returns experiment.json.
@@ -253,15 +267,8 @@ def run_experiment(workdir: str, scale: Scale = FULL, sft_config: ml_collections
     began = time.perf_counter()
     if write_pairs(sft_config, paths, prompts, sft_config.eval.reward):
         timings["samples_and_pairs"] = time.perf_counter() - began
-    runs = []
-    for method in methods:
-        config = method_config(sft_config, method, paths, steps, eval_every, warmup)
-        if (seconds := train_one(paths.method(method), config, method.name)) is not None:
-            timings[method.name] = seconds
-        began = time.perf_counter()
-        if posthoc_kl.fill_missing_kl(config, paths.method(method)):
-            timings[f"{method.name}/posthoc_kl"] = time.perf_counter() - began
-        runs.append((method, paths.method(method)))
+    runs = train_methods([(m, method_config(sft_config, m, paths, steps, eval_every, warmup)) for m in methods],
+                         paths, timings)
 
     rows = report.frontier_table(runs)
     report.write_table(rows, os.path.join(workdir, "frontier.csv"), os.path.join(workdir, "frontier.md"))
