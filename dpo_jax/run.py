@@ -25,8 +25,9 @@ from dpo_jax import build, checkpoint, data, losses, models, reference_cache, sh
 from dpo_jax import config as config_lib
 from dpo_jax.errors import user_errors
 from dpo_jax.guards import PreemptionSignals, WorkdirLock
-from dpo_jax.hooks import Checkpointer, Evaluation, Hooks, MetricsLogger, NonFiniteSteps, Preemption, StepInfo
-from dpo_jax.hooks import evaluate_pairs
+from dpo_jax.hooks import (
+    Checkpointer, Evaluation, Hooks, MetricsLogger, NonFiniteSteps, Preemption, StepInfo, evaluate_pairs,
+)
 from dpo_jax.metrics_writer import MetricsWriter, NullWriter, plot_training_curves
 from dpo_jax.sample_eval import SampleEvaluator
 from dpo_jax.step import make_pair_logps
