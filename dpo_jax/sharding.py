@@ -57,10 +57,22 @@ _LLAMA = (  # also Qwen2 (q/k/v biases) and Mistral
     Rule("(norm|input_layernorm|post_attention_layernorm)/scale", REPLICATED),
 )
 
+_QK_NORMS = Rule("self_attn/(q_norm|k_norm)/scale", REPLICATED)  # [head_dim]: Qwen3's and Gemma 3's q/k norms
+_GEMMA = (  # Gemma 2 and 3: Llama's layers, four norms a block, q/k norms on Gemma 3
+    *_LLAMA[:-1],
+    Rule("(norm|input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm)/scale",
+         REPLICATED),
+    _QK_NORMS._replace(optional=True),
+)
+
 PARTITION_RULES: dict[str, tuple[Rule, ...]] = {
     "llama": _LLAMA,
     "qwen2": _LLAMA,
     "mistral": _LLAMA,
+    "qwen3": (*_LLAMA, _QK_NORMS),
+    "phi3": _LLAMA,  # its fused qkv_proj / gate_up_proj are split into Llama's layers on load
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
     "gpt2": (
         Rule("wte/embedding", EMBEDDING),
         Rule("wpe/embedding", P(None, "fsdp")),

@@ -27,7 +27,7 @@ from dpo_jax.models import apply_model, load_hf, save_hf
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = sorted(os.listdir(HF_FIXTURES))
 # One fixture per family (llama3 also covers Llama-3 rope scaling and tied embeddings).
-ONE_PER_FAMILY = ["gpt2", "gptj", "gpt_neox", "llama3", "qwen2", "mistral"]
+ONE_PER_FAMILY = ["gpt2", "gptj", "gpt_neox", "llama3", "qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3"]
 TOLERANCE = 1e-4
 
 
@@ -98,9 +98,14 @@ def test_logits_match_transformers(name):
     assert max_logit_diff(graphdef, params, name) <= TOLERANCE
 
 
-@pytest.mark.parametrize("name, field", [("llama3", "rope_scaling"), ("mistral", "sliding_window")])
+@pytest.mark.parametrize("name, field", [
+    ("llama3", "rope_scaling"), ("mistral", "sliding_window"), ("qwen3", "sliding_window"), ("phi3", "sliding_window"),
+    ("gemma2", "attn_logit_softcap"), ("gemma2", "final_logit_softcap"), ("gemma2", "sliding_window"),
+    ("gemma3", "sliding_rope_theta"), ("gemma3", "rope_scaling"), ("gemma3", "layer_types"),
+])
 def test_the_golden_logits_exercise_the_feature(name, field):
-    """Without Llama-3 rope scaling or Mistral's window the logits are far off: the golden test sees them."""
+    """Without Llama-3 rope scaling, a window, a soft-cap, Gemma 3's local rotary base, its global scaling or its
+    layer types the logits are far off: the golden test sees each of them."""
     graphdef, params, config = load_fixture(name)
     assert getattr(config, field) is not None
     without, _ = models.abstract_model(dataclasses.replace(config, **{field: None}))
@@ -212,7 +217,7 @@ def test_every_mismatch_is_an_error_that_names_it(tmp_path):
     unsupported = tmp_path / "t5"
     unsupported.mkdir()
     (unsupported / "config.json").write_text('{"model_type": "t5"}')
-    with pytest.raises(ValueError, match=r"t5/config.json: model_type 't5' is not supported; supported: gpt2, gpt_neox"):
+    with pytest.raises(ValueError, match=r"t5/config.json: model_type 't5' is not supported; supported: gemma2, gemma3_text, gpt2, gpt_neox"):
         load_hf(str(unsupported))
 
     missing = copy_fixture("llama", tmp_path / "missing")

@@ -27,6 +27,13 @@ TINY_FAMILIES = {
     "gpt2": dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=16),
     "gptj": dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, rotary_dim=4),
     "gpt_neox": dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+    "qwen3": {**TINY, "sliding_window": 3, "sliding_window_layers": (1,)},
+    "phi3": {**TINY, "sliding_window": 3},
+    # Soft-caps that bite on random weights, a window on the sliding layers, two rotary bases (Gemma 3).
+    "gemma2": {**TINY, "layer_types": ("sliding_attention", "full_attention"), "sliding_window": 3,
+               "attn_logit_softcap": 0.5, "final_logit_softcap": 0.2, "query_pre_attn_scalar": 6},
+    "gemma3": {**TINY, "layer_types": ("full_attention", "sliding_attention"), "sliding_window": 3,
+               "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
 }
 
 
@@ -46,7 +53,8 @@ def random_tokens(shape, seed=1):
 
 
 def test_every_family_is_registered_and_tested():
-    assert family_names() == sorted(TINY_FAMILIES) == ["gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2"]
+    assert family_names() == sorted(TINY_FAMILIES) == [
+        "gemma2", "gemma3", "gpt2", "gpt_neox", "gptj", "llama", "mistral", "phi3", "qwen2", "qwen3"]
     assert (MODEL_FAMILIES["llama"].config_class, MODEL_FAMILIES["llama"].model_class) == (LlamaConfig, Llama)
 
 

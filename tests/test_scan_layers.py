@@ -26,7 +26,10 @@ from dpo_jax.sampling import generate
 from dpo_jax.step import TrainState
 from test_models import TINY_FAMILIES, VOCAB
 
-FAMILIES = {**TINY_FAMILIES, "qwen2": {**TINY_FAMILIES["qwen2"], "sliding_window": 2, "sliding_window_layers": [1]}}
+FAMILIES = {**TINY_FAMILIES, "qwen2": {**TINY_FAMILIES["qwen2"], "sliding_window": 2, "sliding_window_layers": [1]},
+            # layers of different types in one scan: each step gets its layer's window and rotary frequencies
+            "gemma2": {**TINY_FAMILIES["gemma2"], "layer_types": ("sliding_attention", "full_attention", "sliding_attention")},
+            "gemma3": {**TINY_FAMILIES["gemma3"], "layer_types": ("full_attention", "sliding_attention", "full_attention")}}
 NUM_LAYERS = 3
 TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, VOCAB)
 # Two packed sequences a row, the second a prompt with two branches (as shared-prompt rows are laid out).
@@ -124,7 +127,8 @@ def test_remat_policies_apply_inside_the_scan(remat):
     np.testing.assert_array_equal(logits, logits_and_grads_fn(plain_graphdef)(params)[0])
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj", "gpt_neox", "llama3", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["gpt2", "gptj", "gpt_neox", "llama3", "qwen2", "mistral", "qwen3", "gemma2",
+                                  "gemma3", "phi3"])
 def test_hugging_face_checkpoints_load_stacked(name):
     """Each layer's tensors load into its slice, and the logits are transformers' (test_hf.py saves stacked)."""
     directory = os.path.join(HF_FIXTURES, name)

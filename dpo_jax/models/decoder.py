@@ -3,7 +3,8 @@
 A family subclasses `Decoder` and supplies its block (`make_block`), its norm (`make_norm`) and its submodule names
 (`NAMES`, Hugging Face's, so a param path is a checkpoint tensor name by rule); GPT-2 adds its learned positions
 (`make_extras`, `embed`), Llama-likes their per-layer sliding windows (`layer_window`), Llama its grouped KV heads
-(`kv_heads`). Positions and segments, branch ids, masks, the KV cache and remat are handled here.
+(`kv_heads`), Gemma its per-layer rotary frequencies (`layer_inputs`: arrays each block takes as extra arguments,
+stacked over layers for a scan). Positions and segments, branch ids, masks, the KV cache and remat are handled here.
 
 The blocks take one of two forms (`config.scan_layers`): unrolled, an `nnx.List` of L blocks traced one by one
 (params `layers/0/...`, `layers/1/...`), or stacked, one block whose params carry a leading layer axis
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dpo_jax.models import layers
@@ -84,6 +86,11 @@ class Decoder(nnx.Module):
         """Layer `index`'s sliding attention window (None: full causal attention)."""
         return None
 
+    def layer_inputs(self, index: int) -> tuple[np.ndarray, ...]:
+        """Arrays block `index` takes after its cache (same shapes for every layer, so a scan stacks them), e.g.
+        Gemma 3's per-layer rotary frequencies; none by default."""
+        return ()
+
     def kv_heads(self) -> tuple[int, int]:
         """(key/value heads, head width) of the KV cache: every head its own, of width hidden_size / num_heads."""
         return self.config.num_heads, self.config.hidden_size // self.config.num_heads
@@ -110,8 +117,9 @@ class Decoder(nnx.Module):
         masks = [layers.attention_mask(positions_BxT, segment_ids_BxT, w, branch_ids_BxT, slots) for w in distinct]
         x_BxTxD = self.embed(tokens_BxT, positions_BxT)
         run = scan_blocks if self.config.scan_layers else run_blocks
+        inputs = [self.layer_inputs(index) for index in range(self.config.num_layers)]
         x_BxTxD, cache_out = run(getattr(self, self.NAMES.blocks), self.config.remat, x_BxTxD, positions_BxT, masks,
-                                 [distinct.index(window) for window in windows], cache)
+                                 [distinct.index(window) for window in windows], cache, inputs)
         hidden_BxTxD = getattr(self, self.NAMES.final_norm)(x_BxTxD)
         return hidden_BxTxD if cache is None else (hidden_BxTxD, cache_out)
 
@@ -132,38 +140,44 @@ class Decoder(nnx.Module):
 
 def run_blocks(
     blocks: nnx.List, remat: str, x_BxTxD: jax.Array, positions_BxT: jax.Array, masks: list[jax.Array],
-    mask_of_layer: list[int], cache: list[layers.KVCache] | None,
+    mask_of_layer: list[int], cache: list[layers.KVCache] | None, inputs: list[tuple] | None = None,
 ) -> tuple[jax.Array, list[layers.KVCache] | None]:
-    """Unrolled: apply each block in turn (`layers.call_block`), block i with masks[mask_of_layer[i]]; returns (x,
-    the updated cache, or None without one)."""
+    """Unrolled: apply each block in turn (`layers.call_block`), block i with masks[mask_of_layer[i]] and its extra
+    `inputs[i]` (`Decoder.layer_inputs`); returns (x, the updated cache, or None without one)."""
     layer_caches = list(cache) if cache is not None else [None] * len(blocks)
+    inputs = inputs or [()] * len(blocks)
     for index, block in enumerate(blocks):
         x_BxTxD, layer_caches[index] = layers.call_block(
-            block, remat, x_BxTxD, positions_BxT, masks[mask_of_layer[index]], layer_caches[index])
+            block, remat, x_BxTxD, positions_BxT, masks[mask_of_layer[index]], layer_caches[index], *inputs[index])
     return x_BxTxD, None if cache is None else layer_caches
 
 
 def scan_blocks(
     blocks: nnx.Module, remat: str, x_BxTxD: jax.Array, positions_BxT: jax.Array, masks: list[jax.Array],
-    mask_of_layer: list[int], cache: layers.StackedKVCache | None,
+    mask_of_layer: list[int], cache: layers.StackedKVCache | None, inputs: list[tuple] | None = None,
 ) -> tuple[jax.Array, layers.StackedKVCache | None]:
     """Stacked: the same blocks in one `jax.lax.scan` over the layer axis of their params, each step one block with
-    its mask and remat policy; returns (x, the updated cache, or None). The cache rides in the carry, each block
+    its mask, its extra inputs (`inputs[i]`, scanned as arrays stacked over layers) and remat policy; returns (x,
+    the updated cache, or None). The cache rides in the carry, each block
     writing its new keys and values into its layer in place (`layers.LayerOfStack`): no second copy of the cache."""
     graphdef, params = nnx.split(blocks)
     mask_index_L = jnp.asarray(mask_of_layer, jnp.int32)
     # Layers of different windows pick their mask (of M distinct ones) by index.
     masks_MxBx1xTxS = jnp.stack(masks) if len(masks) > 1 else None
+    # Each extra input stacked over layers, [L, ...]: a step gets its layer's row.
+    stacked_inputs = tuple(jnp.stack([jnp.asarray(row[j]) for row in inputs]) for j in range(len(inputs[0]))) if (
+        inputs) else ()
 
     def step(carry, layer):
         x_BxTxD, cache = carry
-        layer_params, mask_index, index = layer
+        layer_params, mask_index, index, layer_inputs = layer
         mask_Bx1xTxS = masks[0] if masks_MxBx1xTxS is None else masks_MxBx1xTxS[mask_index]
         block = nnx.merge(graphdef, layer_params)
         layer_cache = None if cache is None else layers.LayerOfStack(cache, index)
-        x_BxTxD, layer_cache = layers.call_block(block, remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, layer_cache)
+        x_BxTxD, layer_cache = layers.call_block(block, remat, x_BxTxD, positions_BxT, mask_Bx1xTxS, layer_cache,
+                                                 *layer_inputs)
         return (x_BxTxD, None if cache is None else layer_cache.stack), None
 
     layer_index_L = jnp.arange(len(mask_of_layer), dtype=jnp.int32)
-    (x_BxTxD, cache), _ = jax.lax.scan(step, (x_BxTxD, cache), (params, mask_index_L, layer_index_L))
+    (x_BxTxD, cache), _ = jax.lax.scan(step, (x_BxTxD, cache), (params, mask_index_L, layer_index_L, stacked_inputs))
     return x_BxTxD, cache

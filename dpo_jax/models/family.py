@@ -37,6 +37,9 @@ class HFLayout:
     conv1d: bool = False  # body kernels stored [in, out] (GPT-2's Conv1D) instead of nn.Linear's [out, in]
     ignored: tuple[str, ...] = ()  # regexes of non-parameter buffers older checkpoints carry (masks, inv_freq)
     aliases: tuple[tuple[str, str], ...] = ()  # (other name, our name) pairs accepted when loading
+    # (fused module, its parts): one checkpoint tensor whose rows are our parts' outputs in order (Phi-3's
+    # ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))): split on load, fused on export
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +132,13 @@ def rope_from_hf(hf_config: Any) -> tuple[float, Any, float]:
     transformers (>= 5) fills `rope_parameters` from either form of config.json: `rope_parameters`, or the
     older `rope_theta` + `rope_scaling` (and GPT-NeoX's `rotary_emb_base` / `rotary_pct`).
     """
-    params = dict(hf_config.rope_parameters or {})
+    return rope_from_params(hf_config.rope_parameters, hf_config.max_position_embeddings)
+
+
+def rope_from_params(rope_parameters: dict | None, max_position_embeddings: int) -> tuple[float, Any, float]:
+    """`rope_from_hf` of one `rope_parameters` dict (Gemma 3 has one per layer type); ValueError naming an
+    unsupported rope_type."""
+    params = dict(rope_parameters or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     scaling = None
     if rope_type in ROPE_TYPES:
@@ -139,7 +148,7 @@ def rope_from_hf(hf_config: Any) -> tuple[float, Any, float]:
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(
-                params.get("original_max_position_embeddings", hf_config.max_position_embeddings)
+                params.get("original_max_position_embeddings", max_position_embeddings)
             ),
         )
     elif rope_type != "default":

@@ -200,6 +200,9 @@ def _load(
     names = {layer_path: hf_tensor_name(layer_path, layout) for paths in per_layer.values() for layer_path in paths}
     is_gguf = directory.endswith(GGUF_SUFFIX)
     files = gguf_tensors(directory, config.num_heads, config.num_kv_heads) if is_gguf else _tensor_files(directory)
+    if layout.fused:
+        out_rows = {names[q][0]: flat_abstract[p].shape[-1] for p, paths in per_layer.items() for q in paths}
+        files = split_fused(files, layout, out_rows)
     extra: dict[str, np.ndarray] = {}
     lm_head: frozenset = frozenset()
     if head_tensors is not None:
@@ -231,6 +234,52 @@ def _load(
     return graphdef, params, config, extra
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedPart:
+    """Rows [start, stop) of a fused checkpoint tensor (Phi-3's qkv_proj, gate_up_proj): one of our params, read
+    when called. Prints as its file, for messages."""
+
+    source: Any  # the fused tensor's safetensors file, or a GGUF tensor that reads itself
+    name: str  # the fused tensor's name
+    start: int
+    stop: int
+
+    def __call__(self) -> np.ndarray:
+        if callable(self.source):
+            array = self.source()
+        else:
+            from safetensors import safe_open
+
+            with safe_open(self.source, framework="numpy") as f:
+                array = f.get_tensor(self.name)
+        if array.shape[0] < self.stop:
+            raise ValueError(f"{self.source}: fused tensor {self.name!r} has {array.shape[0]} rows, expected at "
+                             f"least {self.stop} for its parts")
+        return array[self.start:self.stop]
+
+    def __str__(self) -> str:
+        return str(self.source)
+
+
+def split_fused(files: dict[str, Any], layout: HFLayout, out_rows: dict[str, int]) -> dict[str, Any]:
+    """`files` with each fused tensor (`layout.fused`) replaced by its parts, read as row slices of it: part names
+    and their output sizes from `out_rows` {our tensor name: rows}. A fused tensor of the wrong total size is left
+    whole, so the loader reports its parts missing and it unexpected."""
+    files = dict(files)
+    for fused, parts in layout.fused:
+        suffix = f".{fused}.weight"
+        for name in [n for n in files if n.endswith(suffix)]:
+            stem = name[: -len(suffix)]
+            part_names = [f"{stem}.{part}.weight" for part in parts]
+            if not all(part in out_rows and part not in files for part in part_names):
+                continue
+            source, start = files.pop(name), 0
+            for part in part_names:
+                files[part] = FusedPart(source, name, start, start + out_rows[part])
+                start += out_rows[part]
+    return files
+
+
 def _read_tensor(files: dict[str, Any], name: str, transposed: bool, shape: tuple, layout: HFLayout) -> np.ndarray:
     """Checkpoint tensor `name` in our layout (transposed back if stored transposed), checked to have `shape`;
     `files[name]` is its safetensors file, or a GGUF tensor that reads itself."""
@@ -258,6 +307,24 @@ def _place(array: np.ndarray, target: jax.ShapeDtypeStruct, sharding: jax.shardi
     return jax.make_array_from_callback(target.shape, sharding, lambda index: array[index])
 
 
+def fuse_for_export(tensors: list, layout: HFLayout) -> list:
+    """[((name, transposed), [(leaf, layer or None), ...])]: each checkpoint tensor with the params (or stacked
+    params' layers) whose rows it concatenates: one, or a fused tensor's parts in order (`layout.fused`)."""
+    by_name = {name: (transposed, leaf, layer) for (name, transposed), leaf, layer in tensors}
+    out, used = [], set()
+    for fused, parts in layout.fused:
+        first = f".{parts[0]}.weight"
+        for name in [n for n in by_name if n.endswith(first)]:
+            stem = name[: -len(first)]
+            part_names = [f"{stem}.{part}.weight" for part in parts]
+            out.append(((f"{stem}.{fused}.weight", by_name[name][0]),
+                        [by_name[part][1:] for part in part_names]))
+            used.update(part_names)
+    out += [((name, transposed), [(leaf, layer)]) for name, (transposed, leaf, layer) in by_name.items()
+            if name not in used]
+    return sorted(out, key=lambda entry: entry[0][0])
+
+
 def save_hf(
     params: nnx.State,
     model_config: Any,
@@ -280,10 +347,10 @@ def save_hf(
     layout = family.hf
     leaves = [(param_path(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
     # (name, transposed), the param, and its layer when it is a stack of layers (sliced only when written)
-    tensors = sorted(
+    tensors = fuse_for_export(sorted(
         (hf_tensor_name(layer_path, layout), leaf, None if paths == [p] else index)
         for p, leaf in leaves for paths in [layer_paths(p, model_config)] for index, layer_path in enumerate(paths)
-    )
+    ), layout)
     out_dtype = jnp.dtype(dtype) if dtype else None
     token_ids = {key: getattr(tokenizer, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     hf_config = config_to_hf(family, model_config, **token_ids)  # first: a config with no HF form writes nothing
@@ -293,8 +360,8 @@ def save_hf(
     shards: list[list] = [[]]
     shard_bytes = 0
     for entry in tensors:
-        layer_size = entry[1].size // (entry[1].shape[0] if entry[2] is not None else 1)
-        nbytes = layer_size * (out_dtype or entry[1].dtype).itemsize
+        nbytes = sum(leaf.size // (leaf.shape[0] if layer is not None else 1) * (out_dtype or leaf.dtype).itemsize
+                     for leaf, layer in entry[1])
         if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
             shards.append([])
             shard_bytes = 0
@@ -311,9 +378,9 @@ def save_hf(
     weight_map, total_bytes = {}, 0
     for file, shard in zip(files, shards):
         arrays = {}
-        for (name, transposed), leaf, layer in shard:
-            array = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
-            array = np.ascontiguousarray(array.T if transposed else array)
+        for (name, transposed), sources in shard:
+            parts = [np.asarray(jax.device_get(leaf if layer is None else leaf[layer])) for leaf, layer in sources]
+            array = np.ascontiguousarray(np.concatenate([part.T if transposed else part for part in parts]))
             arrays[name] = array.astype(out_dtype) if out_dtype is not None else array
             weight_map[name] = file
             total_bytes += arrays[name].nbytes

@@ -67,6 +67,26 @@ class RMSNorm(nnx.Module):
         return (x32_BxTxD * inv_rms_BxTx1).astype(x_BxTxD.dtype) * self.scale[...].astype(x_BxTxD.dtype)
 
 
+class GemmaRMSNorm(nnx.Module):
+    """x / rms(x) * (1 + w) in float32, cast back to the input's dtype (Gemma 2/3's RMSNorm: the stored weight w is
+    an offset from 1, initialised at 0)."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.zeros((features,), jnp.float32))
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        """Normalise over the last axis."""
+        x32_BxTxD = x_BxTxD.astype(jnp.float32)
+        inv_rms_BxTx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True) + self.eps)
+        return (x32_BxTxD * inv_rms_BxTx1 * (1.0 + self.scale[...].astype(jnp.float32))).astype(x_BxTxD.dtype)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap · tanh(x / cap) (Gemma 2's soft-capping of attention scores and final logits); x itself when cap is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 ROPE_TYPES = ("linear", "llama3")
 
 
@@ -102,6 +122,12 @@ def rotary_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None =
     smoothed_R = (1 - smooth_R) * divided_R / scaling.factor + smooth_R * divided_R
     medium_R = (wavelength_R >= context / scaling.high_freq_factor) & (wavelength_R <= context / scaling.low_freq_factor)
     return np.where(medium_R, smoothed_R, divided_R).astype(np.float32)
+
+
+def per_layer_inv_freq(rotary_dim: int, ropes: list[tuple[float, RopeScaling | None]]) -> np.ndarray:
+    """float32 [L, R]: layer i's inverse frequencies from its (theta, scaling), e.g. Gemma 3's local base on sliding
+    layers and its global base (and scaling) on full ones. A scanned stack takes row i as block i's rotary."""
+    return np.stack([rotary_inv_freq(rotary_dim, theta, scaling) for theta, scaling in ropes])
 
 
 def apply_rotary(
@@ -246,13 +272,25 @@ def cache_slots(cache: list[KVCache] | StackedKVCache | None) -> int | None:
 
 
 def attend(
-    q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_Bx1xTxS: jax.Array, scale: float
+    q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_Bx1xTxS: jax.Array, scale: float,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """The attention every family calls: softmax(q·kᵀ · scale, masked) · v, scores and softmax in float32.
+    """The attention every family calls: softmax(q·kᵀ · scale, masked) · v, scores and softmax in float32; with
+    `softcap`, the scaled scores are soft-capped (`soft_cap`) before the mask, as Gemma 2's eager attention does.
 
     Grouped-query: query head h uses key/value head h // (H / G), Hugging Face's repeat_kv order. Returns [B, T, H, K].
     """
-    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS, scale=scale)
+    if softcap is None:
+        return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS, scale=scale)
+    B, T, H, K = q_BxTxHxK.shape
+    G = k_BxSxGxK.shape[2]
+    q_BxTxGxRxK = q_BxTxHxK.reshape(B, T, G, H // G, K)  # R query heads share each key/value head
+    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+    scores_BxGxRxTxS = soft_cap(scores_BxGxRxTxS * scale, softcap)
+    scores_BxGxRxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
+    weights_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
+    out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", weights_BxGxRxTxS, v_BxSxGxK)
+    return out_BxTxGxRxK.reshape(B, T, H, K)
 
 
 class SwiGLUMLP(nnx.Module):

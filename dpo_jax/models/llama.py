@@ -39,6 +39,7 @@ class LlamaConfig:
     qkv_bias: bool = False  # biases on q_proj, k_proj, v_proj (Qwen2; Llama's attention_bias)
     o_bias: bool = False  # bias on o_proj (Llama's attention_bias)
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3's q_norm, k_norm)
     activation: str = "silu"
     sliding_window: int | None = None  # attend to the latest `sliding_window` positions only (Mistral)
     sliding_window_layers: tuple[int, ...] | None = None  # the layers that use the window; None: all of them
@@ -57,7 +58,7 @@ class LlamaConfig:
             positive_ints=("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                            "intermediate_size", "max_position_embeddings"),
             positive_numbers=("rope_theta", "rms_norm_eps"),
-            bools=("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias"),
+            bools=("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"),
         )
         name = type(self).__name__
         if self.num_heads % self.num_kv_heads:
@@ -95,6 +96,9 @@ class LlamaAttention(nnx.Module):
         self.k_proj = layers.linear(D, config.num_kv_heads * K, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = layers.linear(D, config.num_kv_heads * K, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = layers.linear(config.num_heads * K, D, bias=config.o_bias, dtype=dtype, rngs=rngs)
+        if config.qk_norm:
+            self.q_norm = layers.RMSNorm(K, eps=config.rms_norm_eps)
+            self.k_norm = layers.RMSNorm(K, eps=config.rms_norm_eps)
 
     def __call__(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None
@@ -104,8 +108,11 @@ class LlamaAttention(nnx.Module):
         B, T, _ = x_BxTxD.shape
         H, G, K = config.num_heads, config.num_kv_heads, config.head_dim
         inv_freq_R = layers.rotary_inv_freq(K, config.rope_theta, config.rope_scaling)
-        q_BxTxHxK = layers.apply_rotary(self.q_proj(x_BxTxD).reshape(B, T, H, K), positions_BxT, inv_freq_R)
-        k_BxTxGxK = layers.apply_rotary(self.k_proj(x_BxTxD).reshape(B, T, G, K), positions_BxT, inv_freq_R)
+        q_BxTxHxK, k_BxTxGxK = self.q_proj(x_BxTxD).reshape(B, T, H, K), self.k_proj(x_BxTxD).reshape(B, T, G, K)
+        if config.qk_norm:
+            q_BxTxHxK, k_BxTxGxK = self.q_norm(q_BxTxHxK), self.k_norm(k_BxTxGxK)
+        q_BxTxHxK = layers.apply_rotary(q_BxTxHxK, positions_BxT, inv_freq_R)
+        k_BxTxGxK = layers.apply_rotary(k_BxTxGxK, positions_BxT, inv_freq_R)
         v_BxTxGxK = self.v_proj(x_BxTxD).reshape(B, T, G, K)
         k_BxSxGxK, v_BxSxGxK, cache = layers.cache_kv(cache, k_BxTxGxK, v_BxTxGxK, positions_BxT)
         out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale=K**-0.5)
@@ -182,10 +189,10 @@ def llama_rope_to_hf(config: LlamaConfig) -> dict[str, Any]:
 
 
 def _extras_to_hf(config: LlamaConfig) -> dict[str, Any]:
-    if config.qkv_bias != config.o_bias or config.sliding_window is not None:
+    if config.qkv_bias != config.o_bias or config.sliding_window is not None or config.qk_norm:
         raise ValueError(
-            f"{config} has no Llama checkpoint form: Llama has one attention_bias for q, k, v and o, and no "
-            "sliding window (use the qwen2 or mistral family)"
+            f"{config} has no Llama checkpoint form: Llama has one attention_bias for q, k, v and o, no "
+            "sliding window and no q/k norms (use the qwen2, mistral or qwen3 family)"
         )
     return dict(llama_rope_to_hf(config), attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
 

@@ -19,7 +19,7 @@ class MistralConfig(LlamaConfig):
 
 
 def _extras_to_hf(config: MistralConfig) -> dict[str, Any]:
-    if config.qkv_bias or config.o_bias or config.mlp_bias or config.sliding_window_layers is not None:
+    if config.qkv_bias or config.o_bias or config.mlp_bias or config.sliding_window_layers is not None or config.qk_norm:
         raise ValueError(f"{config} has no Mistral checkpoint form: no biases, one window for every layer")
     return dict(llama_rope_to_hf(config), sliding_window=config.sliding_window)
 

@@ -21,25 +21,30 @@ class Qwen2Config(LlamaConfig):
     qkv_bias: bool = True
 
 
-def _extras_from_hf(hf: Any) -> dict[str, Any]:
+def sliding_layers_from_hf(hf: Any) -> dict[str, Any]:
+    """sliding_window and sliding_window_layers from config.json's `layer_types` (Qwen2, Qwen3)."""
     sliding_layers = tuple(i for i, kind in enumerate(hf.layer_types or ()) if kind == "sliding_attention")
-    return dict(
-        llama_rope_from_hf(hf),
-        sliding_window=hf.sliding_window if sliding_layers else None,
-        sliding_window_layers=sliding_layers or None,
-    )
+    return dict(sliding_window=hf.sliding_window if sliding_layers else None, sliding_window_layers=sliding_layers or None)
 
 
-def _extras_to_hf(config: Qwen2Config) -> dict[str, Any]:
-    if not config.qkv_bias or config.o_bias or config.mlp_bias:
-        raise ValueError(f"{config} has no Qwen2 checkpoint form: Qwen2 has biases on q, k, v only")
+def sliding_layers_to_hf(config: LlamaConfig) -> dict[str, Any]:
+    """The config.json form of `sliding_layers_from_hf`'s fields."""
     windowed = [config.layer_window(i) is not None for i in range(config.num_layers)]
     return dict(
-        llama_rope_to_hf(config),
         use_sliding_window=any(windowed),
         sliding_window=config.sliding_window,
         layer_types=["sliding_attention" if w else "full_attention" for w in windowed],
     )
+
+
+def _extras_from_hf(hf: Any) -> dict[str, Any]:
+    return dict(llama_rope_from_hf(hf), **sliding_layers_from_hf(hf))
+
+
+def _extras_to_hf(config: Qwen2Config) -> dict[str, Any]:
+    if not config.qkv_bias or config.o_bias or config.mlp_bias or config.qk_norm:
+        raise ValueError(f"{config} has no Qwen2 checkpoint form: Qwen2 has biases on q, k, v only")
+    return dict(llama_rope_to_hf(config), **sliding_layers_to_hf(config))
 
 
 FAMILY = Family(

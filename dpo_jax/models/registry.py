@@ -11,12 +11,13 @@ from typing import Any, Mapping
 import jax
 from flax import nnx
 
-from dpo_jax.models import gpt2, gpt_neox, gptj, llama, mistral, qwen2
+from dpo_jax.models import gemma, gpt2, gpt_neox, gptj, llama, mistral, phi3, qwen2, qwen3
 from dpo_jax.models.family import Family
 
 MODEL_FAMILIES: dict[str, Family] = {
     family.name: family
-    for family in (gpt2.FAMILY, gptj.FAMILY, gpt_neox.FAMILY, llama.FAMILY, qwen2.FAMILY, mistral.FAMILY)
+    for family in (gpt2.FAMILY, gptj.FAMILY, gpt_neox.FAMILY, llama.FAMILY, qwen2.FAMILY, mistral.FAMILY,
+                   qwen3.FAMILY, gemma.GEMMA2_FAMILY, gemma.GEMMA3_FAMILY, phi3.FAMILY)
 }
 
 
