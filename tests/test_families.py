@@ -141,3 +141,118 @@ def test_configs_without_a_checkpoint_form_are_refused_at_export(tmp_path):
     with pytest.raises(ValueError, match=r"Gemma3Config.layer_types must be None or 2 of"):
         models.make_config("gemma3", vocab_size=8, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
                            head_dim=4, intermediate_size=8, layer_types=["sliding_attention"])
+
+
+# config.json of two current models, as published (the dry run needs the architecture, not the weights).
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+    "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128, "max_position_embeddings": 40960, "rope_theta": 1000000, "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False,
+    "sliding_window": None, "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151645,
+}
+GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
+    "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1,
+    "head_dim": 256, "max_position_embeddings": 32768, "rope_theta": 1000000, "rope_local_base_freq": 10000,
+    "rope_scaling": None, "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+    "rms_norm_eps": 1e-06, "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None,
+    "attn_logit_softcapping": None, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+}
+
+
+def decoder_params(vocab, hidden, layers_, heads, kv_heads, head_dim, ffn, norms_per_block, qk_norms):
+    """Parameters of a tied-embedding gated-MLP decoder, counted by hand from its shapes."""
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    block = attention + 3 * hidden * ffn + norms_per_block * hidden + (2 * head_dim if qk_norms else 0)
+    return vocab * hidden + layers_ * block + hidden
+
+
+@pytest.mark.parametrize("config_json, name, num_params", [
+    (QWEN3_0_6B, "Qwen3Config", decoder_params(151936, 1024, 28, 16, 8, 128, 3072, 2, True)),
+    (GEMMA3_1B, "Gemma3Config", decoder_params(262144, 1152, 26, 4, 1, 256, 6912, 4, True)),
+])
+def test_the_dry_run_sizes_qwen3_and_gemma3_from_their_config_json(config_json, name, num_params, tmp_path):
+    """configs/qwen3.py's accelerator recipe on a mesh of 8, with only config.json on disk: the parameter count
+    is the hand count, and float32 params, RMSprop's slot and bfloat16 π_ref are split 8 ways (by the rules)."""
+    from configs import qwen3
+    from dpo_jax import dry_run
+
+    checkpoint_dir = tmp_path / "checkpoint"
+    checkpoint_dir.mkdir()
+    (checkpoint_dir / "config.json").write_text(json.dumps(config_json))
+    config = qwen3.get_config()
+    config.model.path = str(checkpoint_dir)
+    config.mesh.update(fsdp=8, device_memory_gb=80.0)
+    config.dry_run = True
+    text = dry_run.report(config)
+    assert f"{name} with {num_params:,} parameters, 64 pairs × 512 tokens" in text
+    per_device = {key.strip(): float(value.split()[0]) for key, value in
+                  (line.rsplit("  ", 1) for line in text.splitlines() if line.startswith("  "))}
+    assert per_device["params (float32)"] == pytest.approx(4 * num_params / 8 / 2**30, abs=0.02)
+    assert per_device["reference params (bfloat16)"] == pytest.approx(2 * num_params / 8 / 2**30, abs=0.02)
+
+
+def test_the_qwen3_config_is_valid_in_both_variants():
+    from configs import qwen3
+    from dpo_jax.config import validate
+
+    validate(qwen3.get_config())
+    validate(qwen3.get_config("tiny"))
+    with pytest.raises(ValueError, match="configs/qwen3.py: unknown argument 'big'"):
+        qwen3.get_config("big")
+
+
+def write_gemma3_gguf(path):
+    """The gemma3 fixture as llama.cpp's converter writes a Gemma 3 GGUF: its tensor names, every norm as w + 1, Q
+    and K as they are (not permuted), no layer types / local base / query_pre_attn_scalar in the metadata."""
+    import gguf
+
+    source = os.path.join(HF_FIXTURES, "gemma3")
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config["num_hidden_layers"])
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_freq_base(config["rope_parameters"]["full_attention"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_sliding_window(config["sliding_window"])
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<pad>", "<eos>", "<bos>"] + [f"t{i}" for i in range(config["vocab_size"] - 3)])
+    for name, array in load_file(os.path.join(source, "model.safetensors")).items():
+        shift = 1.0 if name.endswith("norm.weight") else 0.0
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), (array + shift).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_a_gemma3_gguf_loads_with_its_norms_shifted_q_k_as_stored_and_transformers_defaults(tmp_path):
+    """The fixture written as a Gemma 3 GGUF loads to the fixture's weights (norms − 1 within float32 rounding,
+    Q/K unpermuted); its config takes transformers' defaults for what the metadata lacks; with the fixture's own
+    layer types and rotary (which the GGUF cannot state) the logits are transformers'."""
+    path = write_gemma3_gguf(tmp_path / "tiny-gemma3.gguf")
+    _, expected, fixture_config = models.load_hf(os.path.join(HF_FIXTURES, "gemma3"))
+    _, params, config = models.load_hf(path)
+    assert type(config).__name__ == "Gemma3Config" and config.query_pre_attn_scalar == 256
+    assert config.layer_types == ("sliding_attention",) * 3  # Gemma3TextConfig's 5:1 pattern, cut to 3 layers
+    assert (config.rope_theta, config.rope_scaling, config.sliding_rope_theta, config.sliding_window) == (
+        1e6, None, 1e4, 5)
+    for path_, got, want in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(params),
+                                jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path_[0]))
+    graphdef, _ = models.abstract_model(fixture_config)
+    with np.load(os.path.join(HF_FIXTURES, "gemma3", "golden.npz")) as golden:
+        tokens, logits = golden["tokens"], golden["logits"]
+    hidden, logits_fn = models.apply_model(graphdef, params, tokens)
+    np.testing.assert_allclose(logits_fn(hidden), logits, atol=TOLERANCE)

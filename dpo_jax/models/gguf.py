@@ -7,6 +7,11 @@ it loads safetensors. The metadata is parsed once per file version (seconds: ggu
 tensors are read from a memory map that lives only while they are loaded. Only what we can reproduce exactly is accepted: the Llama architecture, the tensor types in
 `SUPPORTED_TYPES`, rotary without scaling or with linear scaling, one-file models. Anything else is a ValueError
 naming it. The tokenizer of the same file is read by data/gguf_tokenizer.py (data/ does not import models/).
+
+Gemma 3 (`gemma3`, e.g. Gemma 3 270M) differs from Llama in three ways llama.cpp's converter introduces: every norm
+weight is stored as w + 1 (its RMSNorm multiplies by the weight; Hugging Face's by 1 + w), so 1 is subtracted on
+load; Q and K are not permuted (its rope is the half-split NeoX one); and the metadata has no layer types, local
+rotary base or query_pre_attn_scalar, which take transformers' Gemma3TextConfig defaults (right for 270M).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import gguf
 import numpy as np
 
 GGUF_SUFFIX = ".gguf"
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 # Dequantised by gguf-py exactly as llama.cpp does; the i-quants, ternary and FP4 types are not accepted (untested).
 SUPPORTED_TYPES = tuple(getattr(gguf.GGMLQuantizationType, name) for name in (
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
@@ -30,6 +35,11 @@ _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+# Gemma 3's blocks: four norms (ffn_norm is the pre-feed-forward one there) and q/k norms.
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _ROPE_SCALING_TYPES = ("none", "linear")
 
@@ -141,7 +151,7 @@ def _config_of(reader: gguf.GGUFReader, path: str) -> Any:
     vocab_size = int(tensors["token_embd.weight"].shape[-1])  # ggml order: [hidden, vocab]
     token_ids = {ours: _field(reader, f"tokenizer.ggml.{theirs}") for ours, theirs in (
         ("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id"))}
-    return transformers.LlamaConfig(
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=required(gguf.Keys.LLM.FEED_FORWARD_LENGTH),
@@ -151,28 +161,39 @@ def _config_of(reader: gguf.GGUFReader, path: str) -> Any:
         head_dim=head_dim,
         max_position_embeddings=required(gguf.Keys.LLM.CONTEXT_LENGTH),
         rms_norm_eps=_float32(required(gguf.Keys.Attention.LAYERNORM_RMS_EPS)),
-        rope_parameters=rope_parameters,
         tie_word_embeddings="output.weight" not in tensors,
-        hidden_act="silu",
         **token_ids,
     )
+    if architecture == "gemma3":
+        # The global base and window are in the metadata; layer types, the local base (10,000) and
+        # query_pre_attn_scalar (256) are not: transformers' defaults, as its own GGUF loader leaves them.
+        return transformers.Gemma3TextConfig(
+            **common, hidden_activation="gelu_pytorch_tanh",
+            sliding_window=_field(reader, key(gguf.Keys.Attention.SLIDING_WINDOW), 4096),
+            rope_parameters={"full_attention": rope_parameters,
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        )
+    return transformers.LlamaConfig(**common, rope_parameters=rope_parameters, hidden_act="silu")
 
 
 @dataclasses.dataclass(frozen=True)
 class GGUFTensor:
     """One tensor of a GGUF file, read when called from `file_bytes` (the file's memory map): dequantised to
     float32 in nn.Linear's [out, in] layout (a norm: [n]), its rows un-permuted if it is a Q or K projection
-    (`rotary_heads` heads). Prints as its file, for messages."""
+    (`rotary_heads` heads), `shift` subtracted (Gemma 3's norms, stored as w + 1). Prints as its file, for messages."""
 
     path: str
     info: TensorInfo
     file_bytes: np.ndarray
     rotary_heads: int | None = None
+    shift: float = 0.0
 
     def __call__(self) -> np.ndarray:
         stored = self.file_bytes[self.info.offset:self.info.offset + self.info.num_bytes]
         array = np.asarray(gguf.quants.dequantize(stored, self.info.tensor_type), dtype=np.float32)
         array = array.reshape(self.info.shape[::-1])  # ggml order is [in, out]
+        if self.shift:
+            array = array - np.float32(self.shift)
         return array if self.rotary_heads is None else unpermute_rotary(array, self.rotary_heads)
 
     def __str__(self) -> str:
@@ -183,9 +204,10 @@ def gguf_tensors(path: str, num_heads: int, num_kv_heads: int) -> dict[str, GGUF
     """{Hugging Face tensor name: tensor} of the GGUF file at `path`, whose model has `num_heads` query and
     `num_kv_heads` key-value heads. Tensors without a Hugging Face name keep their GGUF name (so the loader reports
     them as unexpected). ValueError naming a tensor of a type we do not accept."""
-    _, infos = _read_header(path, _version(path))
+    config, infos = _read_header(path, _version(path))
+    gemma = config.model_type == "gemma3_text"
     file_bytes = np.memmap(path, mode="r")  # unmapped when the last tensor reading it is dropped
-    rotary_heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
+    rotary_heads = {} if gemma else {"attn_q": num_heads, "attn_k": num_kv_heads}  # Gemma 3's Q, K: not permuted
     tensors = {}
     for info in infos:
         if info.tensor_type not in SUPPORTED_TYPES:
@@ -193,19 +215,21 @@ def gguf_tensors(path: str, num_heads: int, num_kv_heads: int) -> dict[str, GGUF
                 f"{path}: tensor {info.name!r} has type {info.tensor_type.name}, which is not supported; "
                 f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}")
         module = info.name.rsplit(".", 1)[0].rsplit(".", 1)[-1]  # blk.3.attn_q.weight -> attn_q
-        tensors[hf_tensor_name(info.name)] = GGUFTensor(path, info, file_bytes, rotary_heads.get(module))
+        shift = 1.0 if gemma and module.endswith("norm") else 0.0  # every Gemma 3 norm is stored as w + 1
+        name = hf_tensor_name(info.name, _GEMMA3_BLOCK_NAMES if gemma else _BLOCK_NAMES)
+        tensors[name] = GGUFTensor(path, info, file_bytes, rotary_heads.get(module), shift)
     return tensors
 
 
-def hf_tensor_name(name: str) -> str:
+def hf_tensor_name(name: str, block_names: dict[str, str] = _BLOCK_NAMES) -> str:
     """The Hugging Face name of GGUF tensor `name` ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'),
-    or `name` itself when it has none."""
+    or `name` itself when it has none; `block_names` maps the architecture's block tensors (Llama's by default)."""
     module, _, leaf = name.rpartition(".")
     if module in _BODY_NAMES:
         return f"{_BODY_NAMES[module]}.{leaf}"
     parts = module.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{leaf}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block_names:
+        return f"model.layers.{parts[1]}.{block_names[parts[2]]}.{leaf}"
     return name
 
 
