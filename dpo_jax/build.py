@@ -22,7 +22,7 @@ from dpo_jax import data, losses, models, reference_cache, rewards, sharding
 from dpo_jax.optimizer import make_optimizer
 from dpo_jax.sample_eval import SampleEvaluator
 from dpo_jax.sampling import SamplingSettings
-from dpo_jax.step import StepShardings, TrainState, make_eval_step, make_loss_fn, make_train_step
+from dpo_jax.step import ReferenceSync, StepShardings, TrainState, make_eval_step, make_loss_fn, make_train_step
 
 STAGE_DATA_STREAMS = {"sft": 0, "dpo": 1}  # each stage's batch order: seed + this
 
@@ -199,25 +199,35 @@ def train_batches(config: ml_collections.ConfigDict, stage: str, run_data: RunDa
     )
 
 
+def reference_sync(config: ml_collections.ConfigDict, stage: str) -> ReferenceSync | None:
+    """TR-DPO's π_ref updates of `stage` (ref.sync_every, ref.mixup_alpha), None where π_ref stays frozen."""
+    if stage != "dpo" or not config.ref.sync_every:
+        return None
+    return ReferenceSync(config.ref.sync_every, config.ref.mixup_alpha)
+
+
 def stage_steps(
     config: ml_collections.ConfigDict, stage: str, graphdef: Any, family: str, mesh: Any, params: Any, ref_params: Any,
 ) -> tuple[Callable, StepShardings, Callable, Callable]:
     """(create_state, shardings, train step, eval step) of `stage` for `mesh`, from params or their shapes: state and
-    π_ref (None: a loss without reference) sharded by the partition rules, batches over the data axes."""
+    π_ref (None: a loss without reference) sharded by the partition rules, batches over the data axes.
+    `create_state(params, reference)` takes π_ref too when it moves with the state (TR-DPO), else None."""
     loss_name = stage_loss(config, stage)
     tx, schedule = make_optimizer(config.optimizer, config[stage])
+    sync = reference_sync(config, stage)
 
-    def create_state(p):
-        return TrainState.create(p, tx)
+    def create_state(p, reference=None):
+        return TrainState.create(p, tx, losses.init_loss_state(loss_name), reference)
 
+    moving_reference = ref_params if sync is not None else None
     shardings = StepShardings(
-        state=sharding.tree_shardings(jax.eval_shape(create_state, params), family, mesh),
+        state=sharding.tree_shardings(jax.eval_shape(create_state, params, moving_reference), family, mesh),
         ref_params=None if ref_params is None else sharding.tree_shardings(ref_params, family, mesh),
         batch=sharding.batch_sharding(mesh),
         replicated=sharding.replicated(mesh),
     )
     loss_fn = make_loss_fn(graphdef, loss_name, loss_params(config), config.train.logprob_chunk_size)
-    train_step = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps, shardings)
+    train_step = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps, shardings, sync)
     return create_state, shardings, train_step, make_eval_step(loss_fn, shardings)
 
 
@@ -226,13 +236,17 @@ def compile_stage(
     ref_params: Any, donate_params: bool = False,
 ) -> tuple[TrainState, Callable, Callable]:
     """(initial TrainState on its shardings, train step, eval step) of `stage`, compiled for `mesh`. With
-    `donate_params` the state takes over `params`' buffers (they are deleted) instead of copying them."""
+    `donate_params` the state takes over `params`' buffers (they are deleted) instead of copying them. TR-DPO's
+    moving π_ref starts as a copy of `ref_params`, which stay the stage's initial π_ref."""
     create_state, shardings, train_step, eval_step = stage_steps(
         config, stage, graphdef, family, mesh, params, ref_params)
+    reference = None
+    if reference_sync(config, stage) is not None:
+        reference = jax.tree.map(jnp.copy, ref_params)
     if donate_params:
-        state = jax.jit(create_state, out_shardings=shardings.state, donate_argnums=0)(params)
+        state = jax.jit(create_state, out_shardings=shardings.state, donate_argnums=0)(params, reference)
     else:  # A copy: the step donates the state's buffers, and `params` may be π_ref's own.
-        state = jax.jit(create_state, out_shardings=shardings.state)(jax.tree.map(jnp.copy, params))
+        state = jax.jit(create_state, out_shardings=shardings.state)(jax.tree.map(jnp.copy, params), reference)
     return state, train_step, eval_step
 
 

@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
             dpop_lambda=50.0,  # dpop λ >= 0: weight of the penalty on log π(y_w) falling below π_ref's (paper: 50)
             discopop_tau=0.05,  # discopop τ > 0: temperature of its logistic/exponential mix (paper: 0.05)
             exo_epsilon=1e-3,  # exo_pair ε in (0, 1): the target's mass on the rejected completion (TRL: 1e-3)
+            # LD-DPO α in [0, 1]: the policy's log-probs of tokens past the shorter completion's length weigh α
+            # (TRL's ld_alpha; the paper tunes it per model, e.g. 0.5); 1: plain sums. Paired losses only.
+            ld_alpha=1.0,
         )
     )
     config.optimizer = ml_collections.ConfigDict(
@@ -148,7 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
     # π_ref's log-probs cached in a directory (written by mode=precompute_ref, or by the first DPO run that finds it
     # absent): the DPO stage then skips π_ref's forward and holds no π_ref params. Keyed by data, tokenizer,
     # lengths and π_ref; a cache whose key differs is refused. '' : π_ref runs in every step.
-    config.ref = ml_collections.ConfigDict(dict(cache=""))
+    # TR-DPO: every ref.sync_every DPO steps π_ref <- α·π + (1 − α)·π_ref, α = ref.mixup_alpha (1: a hard copy;
+    # TRL's defaults 512 and 0.6); the moving π_ref is part of the train state. 0: π_ref stays frozen.
+    config.ref = ml_collections.ConfigDict(dict(cache="", sync_every=0, mixup_alpha=0.6))
     config.eval = ml_collections.ConfigDict(
         dict(
             max_new_tokens=16,
@@ -308,7 +313,9 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
 
 def _validate_loss_and_optimizer(config: ml_collections.ConfigDict) -> None:
     inf = float("inf")
-    _choice(config, "loss.name", losses.loss_names())
+    _check(isinstance(config.loss.name, str), "loss.name", "a loss name or a weighted combination such as "
+           "'dpo+0.5*sft'", config.loss.name)
+    _wrapped(f"config.loss.name = {config.loss.name!r}", losses.get_loss, config.loss.name)
     _number(config, "loss.beta", 0, inf, low_open=True)
     _number(config, "loss.label_smoothing", 0, 0.5, high_open=True)
     _choice(config, "loss.reference_free", (True, False))
@@ -318,6 +325,10 @@ def _validate_loss_and_optimizer(config: ml_collections.ConfigDict) -> None:
         _number(config, f"loss.{key}", 0, inf, low_open=True)
     _number(config, "loss.dpop_lambda", 0, inf)
     _number(config, "loss.exo_epsilon", 0, 1, low_open=True, high_open=True)
+    _number(config, "loss.ld_alpha", 0, 1)
+    _check(config.loss.ld_alpha == 1 or losses.takes(config.loss.name, True), "loss.ld_alpha",
+           f"1 with loss.name = {config.loss.name!r}, which trains on unpaired data (LD-DPO weighs the tokens of "
+           "the longer completion of a pair past the shorter one's length)", config.loss.ld_alpha)
 
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
@@ -351,9 +362,20 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
            "'' with config.mode = 'sft' (Preferred-FT has no reference)", config.ref.cache)
     if config.ref.cache:
         spec = losses.get_loss(config.loss.name)
-        _check(spec.data != "unpaired", "ref.cache", f"'' with loss.name = {config.loss.name!r}: its reference "
-               "point pairs completions of different examples within each batch, which no per-example cache holds",
-               config.ref.cache)
+        _check(spec.data != "unpaired", "ref.cache", f"'' with loss.name = {config.loss.name!r}: it trains on "
+               "unpaired completions, whose π_ref log-probs no cache holds (KTO's reference point also pairs "
+               "completions of different examples within each batch)", config.ref.cache)
+    _positive_int(config, "ref.sync_every", allow_zero=True)
+    _number(config, "ref.mixup_alpha", 0, 1, low_open=True)
+    if config.ref.sync_every:
+        _check(not config.ref.cache, "ref.sync_every", f"0 with ref.cache = {config.ref.cache!r}: a cached π_ref "
+               "cannot move (TR-DPO updates π_ref's weights, so its log-probs change every sync)",
+               config.ref.sync_every)
+        _check(config.mode in ("dpo", "sft_then_dpo"), "ref.sync_every",
+               f"0 with config.mode = {config.mode!r}, which trains no DPO stage", config.ref.sync_every)
+        _check(losses.get_loss(config.loss.name).needs_reference and not config.loss.reference_free, "ref.sync_every",
+               f"0 with loss.name = {config.loss.name!r} (reference_free = {config.loss.reference_free}): it uses no "
+               "π_ref to update", config.ref.sync_every)
 
 
 def _validate_train(config: ml_collections.ConfigDict) -> None:

@@ -90,7 +90,7 @@ def compiled_temporaries(config, stage, graphdef, family, mesh_shape, params, re
     mesh = jax.make_mesh(mesh_shape, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     create_state, _, train_step, _ = build.stage_steps(config, stage, graphdef, family, mesh, params, ref_params)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), longest_batch(config, stage))
-    state = jax.eval_shape(create_state, params)
+    state = jax.eval_shape(create_state, params, ref_params if build.reference_sync(config, stage) else None)
     analysis = train_step.lower(state, ref_params, batch).compile().memory_analysis()
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
@@ -120,6 +120,8 @@ def report(config: ml_collections.ConfigDict) -> str:
         f"reference params ({'ref.cache: none' if config.ref.cache else ref_dtype.name})": bytes_per_device(ref_params, family, mesh) if uses_reference else 0,
         f"activations (estimate, remat={model_config.remat})": activation_bytes(model_config, config, mesh),
     }
+    if build.reference_sync(config, stage) is not None and uses_reference:  # the train state's moving copy
+        rows[f"TR-DPO's moving π_ref ({ref_dtype.name})"] = bytes_per_device(ref_params, family, mesh)
     total = sum(rows.values())
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     lines = [

@@ -122,13 +122,14 @@ class NonFiniteSteps:
 
 def evaluate_pairs(
     eval_step: Callable, params: Any, ref_params: Any, examples: data.Examples, batch_size: int, buckets, pad_id: int,
-    layout: data.Layout, mesh: jax.sharding.Mesh,
+    layout: data.Layout, mesh: jax.sharding.Mesh, loss_state: Any = None,
 ) -> Metrics:
-    """Metrics over every held-out example exactly once (padding rows carry weight 0)."""
+    """Metrics over every held-out example exactly once (padding rows carry weight 0); `loss_state`: the train
+    state's running means, read by a loss that keeps them."""
     totals: Metrics = {}
     weight_total = 0.0
     for batch in data.eval_batches(examples, batch_size, buckets, pad_id, layout):
-        metrics, weight = jax.device_get(eval_step(params, ref_params, sharding.whole_batch(batch, mesh)))
+        metrics, weight = jax.device_get(eval_step(params, ref_params, sharding.whole_batch(batch, mesh), loss_state))
         weight_total += float(weight)
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + float(value) * float(weight)
@@ -136,15 +137,15 @@ def evaluate_pairs(
 
 
 class Evaluation:
-    """The evaluation hook: `evaluate(params, step)` gives the held-out metrics (and sample metrics, the samples
-    written); the hook adds them to the step's logged line as `eval/...` and keeps the latest."""
+    """The evaluation hook: `evaluate(state, step)` gives the held-out metrics of the train state (and sample
+    metrics, the samples written); the hook adds them to the step's logged line as `eval/...` and keeps the latest."""
 
     def __init__(self, evaluate: Callable[[Any, int], Metrics]):
         self.evaluate = evaluate
         self.latest: Metrics = {}
 
     def __call__(self, info: StepInfo) -> None:
-        self.latest = self.evaluate(info.state.params, info.step)
+        self.latest = self.evaluate(info.state, info.step)
         info.logs.update({f"eval/{name}": value for name, value in self.latest.items()})
 
 

@@ -66,11 +66,24 @@ def gathered_logprobs(
     return map_over_chunks(_target_logprobs(logits_fn), (hidden_BxNxD, targets_BxN), chunk_size)
 
 
-def slot_sums(logprobs_BxN: jax.Array, slots_BxN: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
+def _tail_weights(member_BxNxK: jax.Array, prefix_lengths_BxK: jax.Array | None, tail_weight: float) -> jax.Array:
+    """1 for each sequence's first `prefix_lengths` tokens (in block order), `tail_weight` past them."""
+    if prefix_lengths_BxK is None:
+        return jnp.ones(member_BxNxK.shape, jnp.float32)
+    index_BxNxK = jnp.cumsum(member_BxNxK, axis=1) - 1
+    return jnp.where(index_BxNxK < prefix_lengths_BxK[:, None, :], 1.0, tail_weight)
+
+
+def slot_sums(
+    logprobs_BxN: jax.Array, slots_BxN: jax.Array, num_slots: int, prefix_lengths_BxK: jax.Array | None = None,
+    tail_weight: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
     """(Σ log-probs of each sequence [B, K], its token count [B, K]) for a block whose entry n belongs to sequence
-    slots[b, n] of its row (0 ≤ slot < K; −1 marks the block's padding, which counts nowhere)."""
+    slots[b, n] of its row (0 ≤ slot < K; −1 marks the block's padding, which counts nowhere). With
+    `prefix_lengths_BxK`, a sequence's tokens past its prefix length weigh `tail_weight` in the sum (LD-DPO)."""
     member_BxNxK = slots_BxN[..., None] == jnp.arange(num_slots)
-    sums_BxK = jnp.where(member_BxNxK, logprobs_BxN[..., None], 0.0).sum(axis=1)
+    weights_BxNxK = _tail_weights(member_BxNxK, prefix_lengths_BxK, tail_weight)
+    sums_BxK = jnp.where(member_BxNxK, weights_BxNxK * logprobs_BxN[..., None], 0.0).sum(axis=1)
     return sums_BxK, member_BxNxK.sum(axis=1).astype(jnp.float32)
 
 
@@ -97,8 +110,13 @@ def sequence_logprobs(
     tokens_BxT: jax.Array,
     loss_mask_BxT: jax.Array,
     chunk_size: int = 128,
+    prefix_lengths_B: jax.Array | None = None,
+    tail_weight: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """(Σ completion-token log-probs [B] in float32, completion lengths [B]); prompt and padding ignored."""
+    """(Σ completion-token log-probs [B] in float32, completion lengths [B]); prompt and padding ignored. With
+    `prefix_lengths_B`, completion tokens past the prefix length weigh `tail_weight` in the sum (LD-DPO)."""
     mask_BxS = loss_mask_BxT[:, 1:].astype(jnp.float32)
     logprobs_BxS = token_logprobs(hidden_BxTxD, logits_fn, tokens_BxT, chunk_size)
-    return (logprobs_BxS * mask_BxS).sum(axis=-1), mask_BxS.sum(axis=-1)
+    prefix_BxK = None if prefix_lengths_B is None else prefix_lengths_B[:, None]
+    weights_BxS = _tail_weights(mask_BxS[..., None] > 0, prefix_BxK, tail_weight)[..., 0]
+    return (logprobs_BxS * weights_BxS * mask_BxS).sum(axis=-1), mask_BxS.sum(axis=-1)

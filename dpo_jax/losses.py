@@ -7,7 +7,11 @@ prompt/completion pairs for the reference point) to one loss per example. Notati
 h = log π_θ(y|x) − log π_ref(y|x), Δ = h_w − h_l, implicit reward r̂ = β·h. `−log σ(x)` is computed as
 `softplus(−x)` for stability.
 
-Register a new variant with `@register_loss("name", needs_reference=..., data=...)`.
+Register a new variant with `@register_loss("name", needs_reference=..., data=...)`. A loss that keeps a running
+statistic across steps (BCO's reward shift) registers `running=` (the per-batch value it averages); its running mean
+lives in the train state (`init_loss_state`, `update_loss_state`) so a resumed run continues it exactly.
+A weighted combination is a name like "dpo+0.5*bco_pair+0.2*sft" (MPO-style): the weighted sum of its components'
+per-pair losses, each component's mean logged as `loss/<name>`.
 """
 
 from __future__ import annotations
@@ -57,28 +61,44 @@ class LossParams:
     dpop_lambda: float = 50.0  # dpop λ: penalty weight on the chosen log-ratio falling below 0 (Pal et al.: 50)
     discopop_tau: float = 0.05  # discopop τ: temperature of the logistic/exponential mix (Lu et al., TRL: 0.05)
     exo_epsilon: float = 1e-3  # exo_pair ε: the target's mass on the rejected completion (TRL: 1e-3)
+    ld_alpha: float = 1.0  # LD-DPO α: weight of the policy's log-probs past the shorter completion's length (1: off)
 
 
 DATA_KINDS = ("paired", "unpaired", "both")
 
 
 class LossSpec(NamedTuple):
-    fn: Callable[[PairLogps | UnpairedLogps, LossParams], jax.Array]
+    fn: Callable[..., jax.Array]  # (logps, params) -> losses; with `running`: (logps, params, running_mean)
     needs_reference: bool
     data: str  # "paired" (PairLogps), "unpaired" (UnpairedLogps) or "both"
+    running: Callable[[PairLogps | UnpairedLogps, LossParams], jax.Array] | None = None  # per-batch value averaged
+    kl_rows: bool = False  # needs the mismatched (prompt i, completion i + 1) rows of an unpaired batch
+
+
+class RunningMean(NamedTuple):
+    """The mean of a per-batch value over every training batch so far (TRL's RunningMoments mean, fed one value per
+    batch), float32 scalars; part of the train state."""
+
+    mean: jax.Array
+    count: jax.Array
 
 
 _LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, needs_reference: bool = True, data: str = "paired"):
+def register_loss(name: str, *, needs_reference: bool = True, data: str = "paired", running=None,
+                  kl_rows: bool = False):
     """Decorator adding a loss `fn(logps, params) -> per-pair (or per-example) losses_B` to the registry; `data` says
-    which log-probs it takes: PairLogps ("paired"), UnpairedLogps ("unpaired") or either ("both")."""
+    which log-probs it takes: PairLogps ("paired"), UnpairedLogps ("unpaired") or either ("both"). With
+    `running(logps, params) -> scalar`, fn takes a third argument: the running mean of that value over the training
+    batches so far, this one included."""
     if data not in DATA_KINDS:
         raise ValueError(f"data must be one of {DATA_KINDS}, got {data!r}")
+    if "+" in name or "*" in name:
+        raise ValueError(f"a loss name cannot hold '+' or '*' (they combine losses), got {name!r}")
 
     def decorate(fn):
-        _LOSSES[name] = LossSpec(fn, needs_reference, data)
+        _LOSSES[name] = LossSpec(fn, needs_reference, data, running, kl_rows)
         return fn
 
     return decorate
@@ -89,11 +109,69 @@ def loss_names() -> list[str]:
     return sorted(_LOSSES)
 
 
+def components(name: str) -> tuple[tuple[str, float], ...]:
+    """The (registered name, weight) terms of `name`: one term of weight 1 for a plain name, several for a weighted
+    combination "dpo+0.5*bco_pair+0.2*sft". Unknown names, repeated names and bad weights fail naming them."""
+    terms = []
+    for term in name.split("+"):
+        weight_text, _, loss = term.strip().rpartition("*")
+        loss = loss.strip()
+        if loss not in _LOSSES:
+            where = "" if loss == name else f" in {name!r}"
+            raise ValueError(f"unknown loss {loss!r}{where}; valid losses: {', '.join(loss_names())} (combine "
+                             "them as 'dpo+0.5*sft')")
+        try:
+            weight = float(weight_text) if weight_text else 1.0
+        except ValueError:
+            raise ValueError(f"loss term {term.strip()!r} of {name!r}: its weight {weight_text!r} is not a number "
+                             "(write WEIGHT*NAME, e.g. 0.5*sft)") from None
+        if not weight > 0 or weight == float("inf"):
+            raise ValueError(f"loss term {term.strip()!r} of {name!r}: the weight must be a positive finite number")
+        terms.append((loss, weight))
+    names = [loss for loss, _ in terms]
+    repeated = sorted({loss for loss in names if names.count(loss) > 1})
+    if repeated:
+        raise ValueError(f"loss {name!r} names {', '.join(repeated)} more than once; give each loss one weight")
+    return tuple(terms)
+
+
 def get_loss(name: str) -> LossSpec:
-    """The registered loss `name`; unknown names fail with the list of valid ones."""
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(loss_names())}")
-    return _LOSSES[name]
+    """The spec of loss `name`, a registered name or a weighted combination of them (whose `fn` is unused: the
+    combination is computed by `pair_losses`); unknown names fail with the list of valid ones."""
+    if name in _LOSSES:
+        return _LOSSES[name]
+    specs = [_LOSSES[loss] for loss, _ in components(name)]
+    kinds = {spec.data for spec in specs} - {"both"}
+    if len(kinds) > 1:
+        raise ValueError(f"loss {name!r} mixes losses of paired and unpaired data; combine losses of one kind")
+    return LossSpec(fn=None, needs_reference=any(s.needs_reference for s in specs), data=kinds.pop() if kinds else
+                    "both", running=None, kl_rows=any(s.kl_rows for s in specs))
+
+
+def init_loss_state(name: str) -> dict[str, RunningMean] | None:
+    """The train state's part for loss `name`: a zero RunningMean per component that keeps one, None if none does."""
+    state = {loss: RunningMean(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+             for loss, _ in components(name) if _LOSSES[loss].running is not None}
+    return state or None
+
+
+def update_loss_state(name: str, state: dict[str, RunningMean] | None, logps: PairLogps | UnpairedLogps,
+                      params: LossParams) -> dict[str, RunningMean] | None:
+    """`state` with this batch's value added to each running mean (no gradient flows into it)."""
+    if state is None:
+        return None
+    updated = {}
+    for loss, running in state.items():
+        value = jax.lax.stop_gradient(_LOSSES[loss].running(logps, params)).astype(jnp.float32)
+        count = running.count + 1
+        updated[loss] = RunningMean(running.mean + (value - running.mean) / count, count)
+    return updated
+
+
+def ld_shared_lengths(chosen_lengths: jax.Array, rejected_lengths: jax.Array) -> jax.Array:
+    """LD-DPO's public length l_p = min(|y_w|, |y_l|) per pair (Liu et al., 2024, "LD-DPO"): in the policy's
+    log-probs, tokens past it weigh `ld_alpha` (TRL's `ld_alpha`: the policy only, π_ref's sums are left whole)."""
+    return jnp.minimum(chosen_lengths, rejected_lengths)
 
 
 def log_ratio_margin(logps: PairLogps) -> jax.Array:
@@ -268,6 +346,36 @@ def wpo(logps: PairLogps, p: LossParams) -> jax.Array:
     return weight * dpo(logps, p)
 
 
+def _mean_pair_reward(logps: PairLogps, p: LossParams) -> jax.Array:
+    """The batch's mean implicit reward over its chosen and rejected completions, β·mean(h_w, h_l)."""
+    return p.beta * 0.5 * jnp.mean(
+        (logps.policy_chosen - logps.reference_chosen) + (logps.policy_rejected - logps.reference_rejected))
+
+
+@register_loss("bco_pair", running=_mean_pair_reward)
+def bco_pair(logps: PairLogps, p: LossParams, reward_shift: jax.Array) -> jax.Array:
+    """−log σ(βh_w − δ) − log σ(−(βh_l − δ)): BCO's pair form (Jung et al., 2024, "Binary Classifier Optimization
+    for Large Language Model Alignment", as TRL's `bco_pair`): chosen and rejected classified apart around δ, the
+    running mean over the training batches of each batch's mean reward (kept in the train state)."""
+    reward_chosen = p.beta * (logps.policy_chosen - logps.reference_chosen)
+    reward_rejected = p.beta * (logps.policy_rejected - logps.reference_rejected)
+    return _neg_log_sigmoid(reward_chosen - reward_shift) + _neg_log_sigmoid(reward_shift - reward_rejected)
+
+
+def _mean_unpaired_reward(logps: UnpairedLogps, p: LossParams) -> jax.Array:
+    """The batch's mean implicit reward over its completions, β·mean(h)."""
+    return p.beta * jnp.mean(logps.policy - logps.reference)
+
+
+@register_loss("bco", data="unpaired", running=_mean_unpaired_reward)
+def bco(logps: UnpairedLogps, p: LossParams, reward_shift: jax.Array) -> jax.Array:
+    """−log σ(βh − δ) for a desirable completion, −log σ(−(βh − δ)) for an undesirable one: BCO on unpaired data
+    (Jung et al., 2024, as TRL's BCOTrainer without its embedding-based density-ratio weights), δ the running mean
+    of the batches' mean reward."""
+    shifted = p.beta * (logps.policy - logps.reference) - reward_shift
+    return jnp.where(logps.labels > 0, _neg_log_sigmoid(shifted), _neg_log_sigmoid(-shifted))
+
+
 def _log_odds(mean_token_logp: jax.Array) -> jax.Array:
     # log(p / (1 − p)) with p = exp(mean_token_logp) < 1.
     return mean_token_logp - jnp.log(-jnp.expm1(mean_token_logp))
@@ -298,7 +406,7 @@ def kto_reference_point(logps: UnpairedLogps, reference_free: bool = False) -> j
     return jax.lax.stop_gradient(jnp.maximum(jnp.mean(logps.kl_policy - reference), 0.0))
 
 
-@register_loss("kto", data="unpaired")
+@register_loss("kto", data="unpaired", kl_rows=True)
 def kto(logps: UnpairedLogps, p: LossParams) -> jax.Array:
     """λ_D·(1 − σ(β(h − z0))) for a desirable completion, λ_U·(1 − σ(β(z0 − h))) for an undesirable one
     (Ethayarajh et al., 2024), z0 the reference point above."""
@@ -319,8 +427,11 @@ def takes(name: str, paired: bool) -> bool:
     return get_loss(name).data in ("both", "paired" if paired else "unpaired")
 
 
-def pair_losses(name: str, logps: PairLogps | UnpairedLogps, params: LossParams) -> jax.Array:
-    """Per-pair (per-example) losses [B] of variant `name`; reference log-probs are zeroed when reference-free."""
+def component_losses(
+    name: str, logps: PairLogps | UnpairedLogps, params: LossParams, loss_state: dict[str, RunningMean] | None = None,
+) -> dict[str, jax.Array]:
+    """Per-pair (per-example) losses [B] of each component of `name` (one for a plain name), unweighted; reference
+    log-probs are zeroed when reference-free. `loss_state` holds the running means of the components that keep one."""
     spec = get_loss(name)
     paired = isinstance(logps, PairLogps)
     if not takes(name, paired):
@@ -328,7 +439,24 @@ def pair_losses(name: str, logps: PairLogps | UnpairedLogps, params: LossParams)
     if params.reference_free:
         fields = ("reference_chosen", "reference_rejected") if paired else ("reference", "kl_reference")
         logps = logps._replace(**{f: jnp.zeros_like(getattr(logps, f)) for f in fields})
-    return spec.fn(logps, params)
+    per_component = {}
+    for loss, _ in components(name):
+        component = _LOSSES[loss]
+        if component.running is None:
+            per_component[loss] = component.fn(logps, params)
+        elif loss_state is None or loss not in loss_state:
+            raise ValueError(f"loss {loss!r} keeps a running mean: pass its loss_state (losses.init_loss_state)")
+        else:
+            per_component[loss] = component.fn(logps, params, loss_state[loss].mean)
+    return per_component
+
+
+def pair_losses(
+    name: str, logps: PairLogps | UnpairedLogps, params: LossParams, loss_state: dict[str, RunningMean] | None = None,
+) -> jax.Array:
+    """Per-pair (per-example) losses [B] of variant `name`: the weighted sum of its components' losses."""
+    per_component = component_losses(name, logps, params, loss_state)
+    return sum(weight * per_component[loss] for loss, weight in components(name))
 
 
 def preference_metrics(
@@ -383,10 +511,23 @@ def unpaired_metrics(
 
 
 def loss_and_metrics(
-    name: str, logps: PairLogps | UnpairedLogps, params: LossParams, weights: jax.Array | None = None
+    name: str, logps: PairLogps | UnpairedLogps, params: LossParams, weights: jax.Array | None = None,
+    loss_state: dict[str, RunningMean] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean loss over pairs (examples) and the standard metrics; `weights` [B] masks padded eval rows."""
-    losses = pair_losses(name, logps, params)
+    """Mean loss over pairs (examples) and the standard metrics; `weights` [B] masks padded eval rows. A combination
+    adds each component's mean (`loss/<name>`)."""
+    terms = components(name)
+    per_component = component_losses(name, logps, params, loss_state)
+    losses = sum(weight * per_component[loss] for loss, weight in terms)
     metrics_fn = preference_metrics if isinstance(logps, PairLogps) else unpaired_metrics
     metrics = metrics_fn(logps, params, losses, weights)
+    if len(terms) > 1:
+        mask = jnp.ones_like(losses) if weights is None else weights
+        for loss, _ in terms:
+            metrics[f"loss/{loss}"] = (per_component[loss] * mask).sum() / jnp.maximum(mask.sum(), 1e-9)
     return metrics["loss"], metrics
+
+
+def running_metrics(loss_state: dict[str, RunningMean] | None) -> dict[str, jax.Array]:
+    """Each running mean of the train state as a metric, `running_mean/<loss>` (BCO's reward shift δ)."""
+    return {f"running_mean/{loss}": running.mean for loss, running in (loss_state or {}).items()}

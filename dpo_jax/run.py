@@ -72,7 +72,7 @@ def train_stage(
     batches = build.train_batches(config, stage, run.data, loss_name)
     evaluate = _stage_evaluation(run, stage, eval_step, ref_params, loss_name)
     # The state starts from `params`; for DPO these are π_ref's, so its step-0 samples are π_ref's.
-    initial_eval = evaluate(state.params, 0) if evaluate_start else {}
+    initial_eval = evaluate(state, 0) if evaluate_start else {}
     checkpoints = checkpoint.StageCheckpoints(
         run.workdir, stage, config.train.keep_checkpoints, config.train.max_save_failures)
     progress = None
@@ -107,19 +107,21 @@ def train_stage(
             progress.close()
         checkpoints.close()
     # Resumed at the end, nothing ran: evaluate the restored params.
-    final_eval = evaluation.latest or evaluate(state.params, int(state.step))
+    final_eval = evaluation.latest or evaluate(state, int(state.step))
     return state.params, initial_eval, final_eval
 
 
 def _stage_evaluation(run: RunContext, stage: str, eval_step, ref_params: Any, loss_name: str):
-    """`evaluate(params, step)`: held-out pair metrics; with an evaluator, also samples' means (`samples/...`),
-    the samples written (DPO's with their KL to π_ref)."""
+    """`evaluate(state, step)`: held-out pair metrics of the train state; with an evaluator, also samples' means
+    (`samples/...`), the samples written (DPO's with their KL to π_ref). With TR-DPO's moving π_ref, both are
+    measured against the stage's initial π_ref (`ref_params`)."""
     config = run.config
     eval_examples = build.examples_for(loss_name, run.data.eval)
 
-    def evaluate(params: Any, step: int) -> dict[str, float]:
+    def evaluate(state: Any, step: int) -> dict[str, float]:
+        params = state.params
         metrics = evaluate_pairs(eval_step, params, ref_params, eval_examples, config.train.eval_batch_size,
-                                 run.data.buckets, run.data.pad_id, run.data.layout, run.mesh)
+                                 run.data.buckets, run.data.pad_id, run.data.layout, run.mesh, state.loss_state)
         if run.evaluator is not None:
             sample_means, records = run.evaluator(params, ref_params if stage == "dpo" else None)
             metrics.update({f"samples/{name}": value for name, value in sample_means.items()})

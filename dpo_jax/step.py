@@ -1,8 +1,10 @@
 """The pure core of training: TrainState, the loss function and the jit-compiled train/eval steps.
 
 The step is `(state, ref_params, batch) -> (state, metrics)`: reference params are a separate frozen
-pytree (`None` for losses that need no reference), never in the optimizer state, never updated. The loop
-that drives it (stages, resume, logging, preemption) is run.py.
+pytree (`None` for losses that need no reference), never in the optimizer state, never updated; with TR-DPO's
+reference updates (`ReferenceSync`) the moving π_ref is instead part of the train state, mixed towards the policy
+inside the step. A loss that keeps a running statistic (BCO) keeps it in the train state too. The loop that drives
+the step (stages, resume, logging, preemption) is run.py.
 """
 
 from __future__ import annotations
@@ -35,50 +37,98 @@ class StepShardings:
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything an optimizer step changes: the step count, the policy params, the optimizer state."""
+    """Everything an optimizer step changes: the step count, the policy params, the optimizer state, the loss's
+    running statistics (None for a loss without them) and TR-DPO's moving π_ref (None: π_ref is frozen)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    loss_state: Any = None
+    reference: Any = None
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    def create(cls, params: Any, tx: optax.GradientTransformation, loss_state: Any = None,
+               reference: Any = None) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), loss_state=loss_state,
+                   reference=reference)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSync:
+    """TR-DPO (Gorbatovski et al., 2024, "Learn Your Reference Model for Real Good Alignment"): every `every` steps
+    π_ref ← α·π_θ + (1 − α)·π_ref, α = `mixup_alpha` (1: a hard copy), as TRL's SyncRefModelCallback."""
+
+    every: int
+    mixup_alpha: float
+
+    def __call__(self, reference: Any, params: Any, step: jax.Array) -> Any:
+        """`reference` after optimizer step `step` (counted from 1): mixed towards `params` when the step is due."""
+
+        def mixed():
+            return jax.tree.map(
+                lambda r, p: (self.mixup_alpha * p.astype(jnp.float32)
+                              + (1 - self.mixup_alpha) * r.astype(jnp.float32)).astype(r.dtype),
+                reference, params)
+
+        return jax.lax.cond(step % self.every == 0, mixed, lambda: reference)
+
+
+def _completion_lengths(rows: data.Rows, num_slots: int) -> jax.Array:
+    """Tokens scored in each of the K completions of each row [B, K], from the batch alone (before any forward)."""
+    if rows.completion_only:
+        return (rows.slots_BxN[..., None] == jnp.arange(num_slots)).sum(axis=1)
+    return rows.loss_mask_BxT[:, 1:].sum(axis=-1)[:, None]
 
 
 def make_sequence_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """`sequence_logps(params, rows, num_slots=1, scope="policy") -> (Σ log-probs [B, K], lengths [B, K])` of the K
-    completions in each of `rows` (a data.Rows), from one forward: scored at every position (`loss_mask_BxT`) or at
-    the completion-only block's positions alone."""
+    """`sequence_logps(params, rows, num_slots=1, scope="policy", prefix_lengths_BxK=None, tail_weight=1.0) ->
+    (Σ log-probs [B, K], lengths [B, K])` of the K completions in each of `rows` (a data.Rows), from one forward:
+    scored at every position (`loss_mask_BxT`) or at the completion-only block's positions alone. Tokens past
+    `prefix_lengths_BxK` weigh `tail_weight` in the sums (LD-DPO)."""
 
-    def sequence_logps(params, rows: data.Rows, num_slots: int = 1, scope: str = "policy"):
+    def sequence_logps(params, rows: data.Rows, num_slots: int = 1, scope: str = "policy",
+                       prefix_lengths_BxK=None, tail_weight: float = 1.0):
         with jax.named_scope(scope):
             hidden, logits_fn = apply_model(graphdef, params, rows.tokens_BxT, rows.positions_BxT, None,
                                             rows.branch_ids_BxT)
             if rows.completion_only:  # the LM head at the scored positions alone
                 logps_BxN = gathered_logprobs(hidden, logits_fn, rows.sources_BxN, rows.targets_BxN, chunk_size)
-                return slot_sums(logps_BxN, rows.slots_BxN, num_slots)
-            sums_B, lengths_B = sequence_logprobs(hidden, logits_fn, rows.tokens_BxT, rows.loss_mask_BxT, chunk_size)
+                return slot_sums(logps_BxN, rows.slots_BxN, num_slots, prefix_lengths_BxK, tail_weight)
+            prefix_B = None if prefix_lengths_BxK is None else prefix_lengths_BxK[:, 0]
+            sums_B, lengths_B = sequence_logprobs(hidden, logits_fn, rows.tokens_BxT, rows.loss_mask_BxT, chunk_size,
+                                                  prefix_B, tail_weight)
             return sums_B[:, None], lengths_B[:, None]
 
     return sequence_logps
 
 
 def make_pair_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[list, list]]:
-    """`pair_logps(params, batch, scope="policy") -> ([Σ log-probs chosen, rejected] [B], [their lengths] [B])` of a
-    paired batch from one forward: its chosen and rejected rows stacked (PairedBatch), or its shared-prompt rows
-    scoring both completions (SharedPromptBatch)."""
+    """`pair_logps(params, batch, scope="policy", ld_alpha=1.0) -> ([Σ log-probs chosen, rejected] [B], [their
+    lengths] [B])` of a paired batch from one forward: its chosen and rejected rows stacked (PairedBatch), or its
+    shared-prompt rows scoring both completions (SharedPromptBatch). With `ld_alpha` ≠ 1, each completion's tokens
+    past the pair's shared length (losses.ld_shared_lengths) weigh `ld_alpha` (LD-DPO)."""
     sequence_logps = make_sequence_logps(graphdef, chunk_size)
 
-    def pair_logps(params, batch: data.PairedBatch | data.SharedPromptBatch, scope: str = "policy"):
+    def pair_logps(params, batch: data.PairedBatch | data.SharedPromptBatch, scope: str = "policy",
+                   ld_alpha: float = 1.0):
         if isinstance(batch, data.SharedPromptBatch):
-            sums_Bx2, lengths_Bx2 = sequence_logps(params, batch.rows, 2, scope)
+            prefix_Bx2 = None
+            if ld_alpha != 1.0:
+                lengths_Bx2 = _completion_lengths(batch.rows, 2)
+                shared_B = losses.ld_shared_lengths(lengths_Bx2[:, 0], lengths_Bx2[:, 1])
+                prefix_Bx2 = jnp.stack([shared_B, shared_B], axis=1)
+            sums_Bx2, lengths_Bx2 = sequence_logps(params, batch.rows, 2, scope, prefix_Bx2, ld_alpha)
             return [sums_Bx2[:, 0], sums_Bx2[:, 1]], [lengths_Bx2[:, 0], lengths_Bx2[:, 1]]
         if not isinstance(batch, data.PairedBatch):
             raise TypeError(f"pair_logps takes a data.PairedBatch or data.SharedPromptBatch, got "
                             f"{type(batch).__name__}")
+        prefix_2Bx1 = None
+        if ld_alpha != 1.0:
+            shared_B = losses.ld_shared_lengths(_completion_lengths(batch.chosen, 1)[:, 0],
+                                                _completion_lengths(batch.rejected, 1)[:, 0])
+            prefix_2Bx1 = jnp.concatenate([shared_B, shared_B])[:, None]
         rows = jax.tree.map(lambda chosen, rejected: jnp.concatenate([chosen, rejected]), batch.chosen, batch.rejected)
-        sums_2Bx1, lengths_2Bx1 = sequence_logps(params, rows, 1, scope)
+        sums_2Bx1, lengths_2Bx1 = sequence_logps(params, rows, 1, scope, prefix_2Bx1, ld_alpha)
         return jnp.split(sums_2Bx1[:, 0], 2), jnp.split(lengths_2Bx1[:, 0], 2)
 
     return pair_logps
@@ -86,15 +136,17 @@ def make_pair_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[list,
 
 def make_loss_fn(
     graphdef: Any, loss_name: str, loss_params: losses.LossParams, chunk_size: int
-) -> Callable[[Any, Any, data.Batch], tuple[jax.Array, Metrics]]:
-    """`loss_fn(params, ref_params, batch) -> (loss, metrics)` for a paired batch (chosen and rejected in one
-    forward) or an unpaired one (completions; for KTO also the mismatched kl rows, forwarded without gradient).
+) -> Callable[..., tuple[jax.Array, tuple[Metrics, Any]]]:
+    """`loss_fn(params, ref_params, batch, loss_state=None, train=True) -> (loss, (metrics, loss_state))` for a
+    paired batch (chosen and rejected in one forward) or an unpaired one (completions; for KTO also the mismatched
+    kl rows, forwarded without gradient). `loss_state` holds the loss's running means (losses.init_loss_state);
+    in training they take in this batch, in evaluation (`train=False`) they are used as they are.
 
     π_ref's log-probs come from the batch when it carries them (`reference_chosen` / `reference_rejected`, from a
     reference cache: no reference forward, `ref_params` may be None), else from a forward of `ref_params`.
     """
     use_reference = losses.uses_reference(loss_name, loss_params)
-    needs_kl = losses.get_loss(loss_name).data == "unpaired"
+    needs_kl = losses.get_loss(loss_name).kl_rows
     sequence_logps = make_sequence_logps(graphdef, chunk_size)
     pair_logps = make_pair_logps(graphdef, chunk_size)
 
@@ -106,7 +158,8 @@ def make_loss_fn(
         return jax.lax.stop_gradient(ref_params)
 
     def paired_logps(params, ref_params, batch):
-        (policy_chosen, policy_rejected), (chosen_lengths, rejected_lengths) = pair_logps(params, batch, "policy")
+        (policy_chosen, policy_rejected), (chosen_lengths, rejected_lengths) = pair_logps(
+            params, batch, "policy", loss_params.ld_alpha)
         if not use_reference:
             reference_chosen = reference_rejected = jnp.zeros_like(policy_chosen)
         elif batch.reference_chosen is not None and batch.reference_rejected is not None:  # cached: no forward
@@ -133,7 +186,7 @@ def make_loss_fn(
             kl_reference = reference(batch.kl, policy)
         return losses.UnpairedLogps(policy, reference_logps, kl_policy, kl_reference, lengths_Bx1[:, 0], batch.label)
 
-    def loss_fn(params, ref_params, batch):
+    def loss_fn(params, ref_params, batch, loss_state=None, train=True):
         if isinstance(batch, data.PAIRED_BATCHES):
             logps = paired_logps(params, ref_params, batch)
         elif isinstance(batch, data.UnpairedBatch):
@@ -141,7 +194,10 @@ def make_loss_fn(
         else:
             raise TypeError(f"loss_fn takes a data.PairedBatch, data.SharedPromptBatch or data.UnpairedBatch, got "
                             f"{type(batch).__name__}")
-        return losses.loss_and_metrics(loss_name, logps, loss_params, batch.weight)
+        if train:
+            loss_state = losses.update_loss_state(loss_name, loss_state, logps, loss_params)
+        loss, metrics = losses.loss_and_metrics(loss_name, logps, loss_params, batch.weight, loss_state)
+        return loss, (metrics, loss_state)
 
     return loss_fn
 
@@ -158,49 +214,57 @@ def make_train_step(
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
     shardings: StepShardings | None = None,
+    reference_sync: ReferenceSync | None = None,
 ) -> Callable[[TrainState, Any, data.Batch], tuple[TrainState, Metrics]]:
-    """The jit-compiled, state-donating step; `grad_accum_steps` micro-batches average to the full-batch gradient.
-    With `shardings`, compiled for them: state and reference params as the partition rules say, the batch split
-    over the data axes, metrics replicated.
+    """The jit-compiled, state-donating step; `grad_accum_steps` micro-batches average to the full-batch gradient
+    (a running mean takes in each micro-batch in turn). With `shardings`, compiled for them: state and reference
+    params as the partition rules say, the batch split over the data axes, metrics replicated. With
+    `reference_sync` (TR-DPO), π_ref is the state's `reference` (the `ref_params` argument is unused) and moves.
 
-    A step whose loss, gradient or update is not finite changes neither params nor optimizer state
+    A step whose loss, gradient or update is not finite changes neither params, optimizer state nor running means
     (metrics["skipped"] = 1).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradients(params, ref_params, batch):
+    def gradients(params, ref_params, batch, loss_state):
         if grad_accum_steps == 1:
-            (_, metrics), grads = grad_fn(params, ref_params, batch)
-            return grads, metrics
+            (_, (metrics, loss_state)), grads = grad_fn(params, ref_params, batch, loss_state)
+            return grads, metrics, loss_state
 
         def accumulate(carry, micro_batch):
-            (_, metrics), grads = grad_fn(params, ref_params, micro_batch)
-            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+            totals, running = carry
+            (_, (metrics, running)), grads = grad_fn(params, ref_params, micro_batch, running)
+            return (jax.tree.map(jnp.add, totals, (grads, metrics)), running), None
 
         micro_batches = _split_micro_batches(batch, grad_accum_steps)
         first = jax.tree.map(lambda x: x[0], micro_batches)
-        (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, ref_params, first)
+        (_, (metrics_shape, _)), grads_shape = jax.eval_shape(grad_fn, params, ref_params, first, loss_state)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
-        totals, _ = jax.lax.scan(accumulate, zeros, micro_batches)
-        return jax.tree.map(lambda x: x / grad_accum_steps, totals)
+        (totals, loss_state), _ = jax.lax.scan(accumulate, (zeros, loss_state), micro_batches)
+        grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, totals)
+        return grads, metrics, loss_state
 
     def train_step(state: TrainState, ref_params: Any, batch: data.Batch):
-        grads, metrics = gradients(state.params, ref_params, batch)
+        reference = ref_params if reference_sync is None else state.reference
+        grads, metrics, loss_state = gradients(state.params, reference, batch, state.loss_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         grad_norm = optax.tree.norm(grads)
-        # A non-finite loss, gradient or update leaves params and optimizer state as they were; the step (the
-        # data position) still advances, and `skipped` tells the loop, which counts and limits such steps.
+        # A non-finite loss, gradient or update leaves params, optimizer state and running means as they were; the
+        # step (the data position) still advances, and `skipped` tells the loop, which counts and limits such steps.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-        params, opt_state = jax.tree.map(
+        params, opt_state, loss_state = jax.tree.map(
             lambda new, old: jnp.where(finite, new, old),
-            (optax.apply_updates(state.params, updates), opt_state),
-            (state.params, state.opt_state),
+            (optax.apply_updates(state.params, updates), opt_state, loss_state),
+            (state.params, state.opt_state, state.loss_state),
         )
         metrics = {
             **metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-            "skipped": jnp.logical_not(finite).astype(jnp.float32),
+            "skipped": jnp.logical_not(finite).astype(jnp.float32), **losses.running_metrics(loss_state),
         }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        if reference_sync is not None:
+            reference = reference_sync(state.reference, params, state.step + 1)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state,
+                             reference=reference if reference_sync is not None else state.reference), metrics
 
     if shardings is None:
         return jax.jit(train_step, donate_argnums=0)
@@ -211,19 +275,18 @@ def make_train_step(
 
 def make_eval_step(
     loss_fn: Callable, shardings: StepShardings | None = None
-) -> Callable[[Any, Any, data.Batch], tuple[Metrics, jax.Array]]:
-    """Jit-compiled `(params, ref_params, batch) -> (weighted-mean metrics, weight sum)`, for `shardings` if given
-    (params sharded as the train state's)."""
+) -> Callable[..., tuple[Metrics, jax.Array]]:
+    """Jit-compiled `(params, ref_params, batch, loss_state=None) -> (weighted-mean metrics, weight sum)`, for
+    `shardings` if given (params sharded as the train state's); running means are read, never updated."""
 
-    def eval_step(params, ref_params, batch):
-        _, metrics = loss_fn(params, ref_params, batch)
+    def eval_step(params, ref_params, batch, loss_state=None):
         if batch.weight is None:
             raise ValueError("eval_step takes a batch with `weight` (data.eval_batches gives one)")
+        _, (metrics, _) = loss_fn(params, ref_params, batch, loss_state, train=False)
         return metrics, batch.weight.sum()
 
     if shardings is None:
         return jax.jit(eval_step)
     s = shardings
-    return jax.jit(eval_step, in_shardings=(s.state.params, s.ref_params, s.batch), out_shardings=s.replicated)
-
-
+    return jax.jit(eval_step, in_shardings=(s.state.params, s.ref_params, s.batch, s.state.loss_state),
+                   out_shardings=s.replicated)

@@ -123,15 +123,18 @@ def pair_logps(theta_PxR: jax.Array, swapped_K: jax.Array) -> losses.PairLogps:
 
 
 def make_step(settings: Settings):
-    """`step(theta_PxR, swapped_K) -> (next theta, record of theta)`: one plain-GD step, jitted."""
+    """`step((theta_PxR, loss_state), swapped_K) -> ((next theta, next loss state), record of theta)`: one
+    plain-GD step, jitted; `loss_state` holds the running means of a loss that keeps them (BCO), else None."""
     name, params = settings.loss, settings.loss_config()
 
-    def summed_loss(logps: losses.PairLogps) -> jax.Array:
-        return losses.pair_losses(name, logps, params).sum()
+    def summed_loss(logps: losses.PairLogps, loss_state) -> jax.Array:
+        return losses.pair_losses(name, logps, params, loss_state).sum()
 
-    def step(theta_PxR, swapped_K):
+    def step(carry, swapped_K):
+        theta_PxR, loss_state = carry
         logps = pair_logps(theta_PxR, swapped_K)
-        loss, metrics = losses.loss_and_metrics(name, logps, params)
+        loss_state = losses.update_loss_state(name, loss_state, logps, params)
+        loss, metrics = losses.loss_and_metrics(name, logps, params, loss_state=loss_state)
         logp_PxR = jax.nn.log_softmax(theta_PxR, axis=-1)
         log_ratio_PxR = logp_PxR + jnp.log(len(REPLIES))
         reward_w = params.beta * (logps.policy_chosen - logps.reference_chosen)
@@ -144,11 +147,11 @@ def make_step(settings: Settings):
             "margin": metrics["rewards/margins"],
             "sigma": jax.nn.sigmoid(reward_l - reward_w),  # DPO's adaptive weight per pair
             # The weight the applied loss puts on ∇log π_w, in units of β (= sigma for dpo, 1 unweighted).
-            "weight": -jax.grad(summed_loss)(logps).policy_chosen / params.beta,
+            "weight": -jax.grad(summed_loss)(logps, loss_state).policy_chosen / params.beta,
             "kl": jnp.sum(jnp.exp(logp_PxR) * log_ratio_PxR, axis=-1),  # KL(π‖π_ref) per prompt
         }
-        grad_PxR = jax.grad(lambda t: summed_loss(pair_logps(t, swapped_K)))(theta_PxR)
-        return theta_PxR - settings.lr * grad_PxR, record
+        grad_PxR = jax.grad(lambda t: summed_loss(pair_logps(t, swapped_K), loss_state))(theta_PxR)
+        return (theta_PxR - settings.lr * grad_PxR, loss_state), record
 
     return jax.jit(step)
 
@@ -159,10 +162,37 @@ def run(preset: str | Settings = "align", **overrides: Any) -> dict[str, Any]:
     step = make_step(settings)
     theta_PxR = jnp.zeros((len(PROMPTS), len(REPLIES)), jnp.float32)  # π starts as π_ref
     swapped_TxK = flip_schedule(settings)
-    _, records = jax.jit(lambda t, s: jax.lax.scan(step, t, s))(theta_PxR, swapped_TxK)
+    carry = (theta_PxR, losses.init_loss_state(settings.loss))
+    _, records = jax.jit(lambda c, s: jax.lax.scan(step, c, s))(carry, swapped_TxK)
     history = {key: np.asarray(value) for key, value in records.items()}
     history.update(settings=settings, swapped=swapped_TxK, favourite=favourites(swapped_TxK[-1]))
     return history
+
+
+def paired_losses() -> list[str]:
+    """The registered losses of paired data: those the bandit's preference pairs can train."""
+    return [name for name in losses.loss_names() if losses.takes(name, paired=True)]
+
+
+def compare(preset: str | Settings = "align", names: Sequence[str] | None = None, **overrides: Any) -> list[dict]:
+    """One row per loss (default: every paired loss) trained on the same preset: at the last step, the pairs'
+    reward accuracy and mean margin, the mean KL(π‖π_ref), and π of each prompt's best reply by the final labels."""
+    rows = []
+    for name in names or paired_losses():
+        history = run(preset, loss=name, **overrides)
+        best = [history["probs"][-1][x, history["favourite"][x]] for x in range(len(PROMPTS))]
+        rows.append({"loss": name, "accuracy": float(history["accuracy"][-1]),
+                     "margin": float(history["margin"][-1]), "kl": float(history["kl"][-1].mean()),
+                     "best_reply_probability": float(np.mean(best))})
+    return rows
+
+
+def format_comparison(rows: Sequence[dict]) -> str:
+    """The `compare` rows as a fixed-width table."""
+    lines = [f"{'loss':24s}{'accuracy':>9s}{'margin':>9s}{'KL':>8s}{'π(best)':>9s}"]
+    lines += [f"{r['loss']:24s}{r['accuracy']:9.3f}{r['margin']:9.3f}{r['kl']:8.3f}{r['best_reply_probability']:9.3f}"
+              for r in rows]
+    return "\n".join(lines)
 
 
 def favourites(swapped_K: np.ndarray) -> np.ndarray:
@@ -305,11 +335,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="write every step as JSON")
     parser.add_argument("--plot", metavar="OUT.png")
     parser.add_argument("--pairs", action="store_true", help="list the preference pairs and exit")
+    parser.add_argument("--compare", metavar="LOSS,LOSS,...|all",
+                        help="train the preset with each loss (all: every paired loss) and print one row per loss")
     args = parser.parse_args(argv)
     if args.pairs:
         print(describe_pairs())
         return 0
     base = PRESETS[args.preset]
+    if args.compare:
+        names = None if args.compare == "all" else args.compare.split(",")
+        try:
+            rows = compare(base, names, steps=args.steps, beta=args.beta, lr=args.lr)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"{args.preset}: " + format_comparison(rows))
+        return 0
     try:
         history = run(base, loss=args.loss, steps=args.steps, beta=args.beta, lr=args.lr,
                       flips=base.flips + tuple(args.flip) if args.flip else None,

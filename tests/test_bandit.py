@@ -84,7 +84,7 @@ def test_applied_gradient_is_the_closed_form(runs, preset):
     ]
     for theta, swapped in states:
         theta = theta.astype(np.float32)
-        next_theta, record = step(theta, swapped)
+        (next_theta, _), record = step((theta, None), swapped)
         applied = (theta - np.asarray(next_theta, np.float64)) / settings.lr
         expected = _closed_form_gradient(theta, swapped, settings.beta, weighted=settings.loss == "dpo")
         np.testing.assert_allclose(applied, expected, rtol=2e-3, atol=2e-3 * settings.beta)
@@ -107,3 +107,23 @@ def test_cli_json_is_byte_identical_and_plots(tmp_path, capsys):
     assert len(document["steps"]) == 61
     assert set(document["steps"][0]) >= {"probs", "loss", "rewards", "sigma", "kl"}
     assert "final:" in capsys.readouterr().out
+
+
+def test_compare_trains_each_loss_on_the_same_pairs_stateful_and_combined_ones_too(capsys):
+    rows = bandit.compare("align", ["dpo", "bco_pair", "dpo+0.5*sft"], steps=60)
+    assert [r["loss"] for r in rows] == ["dpo", "bco_pair", "dpo+0.5*sft"]
+    assert all(r["accuracy"] == 1.0 and r["margin"] > 0 and r["kl"] > 0 for r in rows), rows
+    # The SFT term pulls harder towards the chosen replies: more KL than DPO alone.
+    assert rows[2]["kl"] > rows[0]["kl"]
+    assert bandit.main(["--compare", "ipo,dpop", "--steps", "20"]) == 0
+    assert "dpop" in capsys.readouterr().out
+    assert set(bandit.paired_losses()) >= {"dpo", "bco_pair", "wpo"} and "kto" not in bandit.paired_losses()
+
+
+def test_discopop_at_tau_005_moves_away_from_a_policy_equal_to_its_reference():
+    """DiscoPOP's loss rises at ρ = βΔ = 0 when τ < (1 − log 2)/3 ≈ 0.10 (its derivative there is
+    (1 − log 2)/(4τ) − 3/4): started at π = π_ref, gradient descent settles at a small negative margin; τ = 0.5
+    trains like DPO."""
+    paper_tau, = bandit.compare("align", ["discopop"], steps=60)
+    wide_tau, = bandit.compare("align", ["discopop"], steps=60, loss_params={"discopop_tau": 0.5})
+    assert paper_tau["margin"] < 0 and wide_tau["margin"] > 0 and wide_tau["accuracy"] == 1.0

@@ -24,7 +24,7 @@ def test_shipped_configs_are_valid():
     "key, value, message",
     [
         ("mode", "rlhf", r"config\.mode = 'rlhf'.*one of sft, dpo, sft_then_dpo"),
-        ("loss.name", "dpoo", r"config\.loss\.name = 'dpoo'.*one of .*dpo.*ipo.*unweighted"),
+        ("loss.name", "dpoo", r"config\.loss\.name = 'dpoo'.*unknown loss 'dpoo'; valid losses: .*dpo.*ipo.*unweighted"),
         ("loss.beta", -0.1, r"config\.loss\.beta = -0\.1 is invalid: expected a finite number > 0"),
         ("loss.beta", float("inf"), r"config\.loss\.beta = inf is invalid: expected a finite number > 0"),
         ("dpo.learning_rate", float("inf"), r"config\.dpo\.learning_rate = inf is invalid: expected a finite number > 0"),

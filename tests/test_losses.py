@@ -83,12 +83,34 @@ def expected(name, p):
         elif name == "discopop":
             m = sigmoid(b * d / p.discopop_tau)
             out.append((1 - m) * neg_log_sigmoid(b * d) + m * math.exp(-b * d))
+        elif name == "bco_pair":
+            shift = bco_shift(p)
+            out.append(neg_log_sigmoid(b * hw - shift) + neg_log_sigmoid(shift - b * hl))
         elif name == "wpo":
             dpo = (1 - eps) * neg_log_sigmoid(b * d) + eps * neg_log_sigmoid(-b * d)
             out.append(math.exp(lw / nw + ll / nl) * dpo)
         else:
             raise AssertionError(f"no hand-computed value for {name}")
     return out
+
+
+# The running mean a stateful loss starts each hand-computed test from: a mean of 0.3 over 4 earlier batches.
+EARLIER_MEAN, EARLIER_BATCHES = 0.3, 4
+
+
+def bco_shift(p):
+    """δ after this batch: the earlier mean updated with this batch's mean reward β·mean over pairs of (h_w + h_l)/2
+    (h_w + h_l = 0 for pair 0, −1 for pair 1)."""
+    batch_mean = p.beta * (0.0 + -1.0) / 4
+    return EARLIER_MEAN + (batch_mean - EARLIER_MEAN) / (EARLIER_BATCHES + 1)
+
+
+def running_state(name):
+    """`name`'s loss state holding the earlier mean (None for a loss without one)."""
+    state = losses.init_loss_state(name)
+    if state is None:
+        return None
+    return {loss: losses.RunningMean(jnp.float32(EARLIER_MEAN), jnp.float32(EARLIER_BATCHES)) for loss in state}
 
 
 PARAMS = [
@@ -101,7 +123,8 @@ PARAMS = [
 @pytest.mark.parametrize("params", PARAMS)
 @pytest.mark.parametrize("name", [n for n in losses.loss_names() if losses.takes(n, paired=True)])
 def test_loss_matches_hand_computed(name, params):
-    got = losses.pair_losses(name, pair_logps(), params)
+    state = losses.update_loss_state(name, running_state(name), pair_logps(), params)
+    got = losses.pair_losses(name, pair_logps(), params, state)
     np.testing.assert_allclose(got, expected(name, params), rtol=1e-5, atol=1e-6)
 
 
@@ -231,7 +254,8 @@ def test_new_losses_need_reference():
         assert losses.uses_reference(name, losses.LossParams()), name
 
 
-NEW_PAIR_LOSSES = ("dpo_norm", "dpop", "nca_pair", "apo_zero", "apo_down", "exo_pair", "sppo_hard", "discopop", "wpo")
+NEW_PAIR_LOSSES = ("dpo_norm", "dpop", "nca_pair", "apo_zero", "apo_down", "exo_pair", "sppo_hard", "discopop", "wpo",
+                   "bco_pair", "dpo+0.5*bco_pair+0.2*sft")
 
 
 def test_new_losses_train_a_tiny_model_without_nan():
@@ -256,7 +280,8 @@ def test_new_losses_train_a_tiny_model_without_nan():
     def sgd_steps(params_by_loss):
         updated, values = {}, {}
         for name, params in params_by_loss.items():
-            grad_fn = jax.value_and_grad(lambda p: loss_fns[name](p, ref_params, batch), has_aux=True)
+            grad_fn = jax.value_and_grad(
+                lambda p: loss_fns[name](p, ref_params, batch, losses.init_loss_state(name)), has_aux=True)
             (values[name], _), grads = grad_fn(params)
             updated[name] = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
         return updated, values

@@ -183,13 +183,13 @@ def test_a_non_finite_step_changes_neither_params_nor_optimizer_state(poison):
     graphdef, params = make_model(config)
     loss_fn = step.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128)
 
-    def poisoned_loss_fn(params, ref_params, batch_and_poison):
+    def poisoned_loss_fn(params, ref_params, batch_and_poison, loss_state):
         batch, poison_now = batch_and_poison
-        loss, metrics = loss_fn(params, ref_params, batch)
+        loss, (metrics, loss_state) = loss_fn(params, ref_params, batch, loss_state)
         nan = jnp.where(poison_now, jnp.nan, 0.0)
         if poison == "loss":  # a NaN loss whose gradient stays finite
-            return loss + jax.lax.stop_gradient(nan), {**metrics, "loss": metrics["loss"] + nan}
-        return loss + nan * jax.tree.leaves(params)[0].sum(), metrics  # finite loss metric, NaN gradient
+            return loss + jax.lax.stop_gradient(nan), ({**metrics, "loss": metrics["loss"] + nan}, loss_state)
+        return loss + nan * jax.tree.leaves(params)[0].sum(), (metrics, loss_state)  # finite loss, NaN gradient
 
     tx, schedule = optimizer.make_optimizer(config.optimizer, config.dpo)
     train_step = step.make_train_step(poisoned_loss_fn, tx, schedule)
@@ -247,9 +247,9 @@ def test_bfloat16_compute_keeps_float32_params_log_probs_and_loss():
     ref_params = perturbed(params)
     ref_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), ref_params)
     batch = random_batch(0)
-    loss32, metrics32 = jax.jit(step.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128))(
+    loss32, (metrics32, _) = jax.jit(step.make_loss_fn(graphdef, "dpo", losses.LossParams(beta=0.1), 128))(
         params, ref_params, batch)
-    loss16, metrics16 = jax.jit(step.make_loss_fn(bf16_graphdef, "dpo", losses.LossParams(beta=0.1), 128))(
+    loss16, (metrics16, _) = jax.jit(step.make_loss_fn(bf16_graphdef, "dpo", losses.LossParams(beta=0.1), 128))(
         params, ref_bf16, batch)
     assert loss16.dtype == metrics16["logps/chosen"].dtype == jnp.float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
