@@ -38,9 +38,11 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "wandb>=0.19",  # tests/test_wandb.py, offline (the wandb extra)
         ],
         "notebooks": ["ipywidgets", "jupyter"],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9"],  # the site from mkdocs.yml; tests/test_docs.py builds it
         "experiments": ["vadersentiment>=3.3.2"],  # experiments/real_sentiment's reward (VADER, a lexicon scorer)
+        "wandb": ["wandb>=0.19"],  # train.loggers = ("wandb", ...): docs/tracking.md
     },
 )

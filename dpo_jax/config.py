@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from dpo_jax import data, losses, models, rewards, sharding
+from dpo_jax import data, losses, metrics_writer, models, rewards, sharding
 from dpo_jax.errors import UserError
 
 MODES = ("sft", "dpo", "sft_then_dpo", "precompute_ref")
@@ -146,6 +146,11 @@ def base_config() -> ml_collections.ConfigDict:
             max_nonfinite_steps=10,
             # A failed checkpoint save is retried at the next interval; this many in a row stop the run.
             max_save_failures=3,
+            # Tracking backends written from metrics.jsonl (docs/tracking.md): tensorboard, wandb (pip install
+            # 'dpo_jax[wandb]'; the run id is kept with the checkpoints, so a resumed run continues its W&B run).
+            loggers=("tensorboard",),
+            wandb_project="dpo_jax",
+            wandb_entity="",  # '' : W&B's default entity
         )
     )
     # π_ref's log-probs cached in a directory (written by mode=precompute_ref, or by the first DPO run that finds it
@@ -384,6 +389,9 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
                 "max_save_failures"):
         _positive_int(config, f"train.{key}")
     _choice(config, "train.progress_bar", (True, False))
+    _wrapped(f"config.train.loggers = {config.train.loggers!r}", metrics_writer.check_loggers, config.train.loggers)
+    for key in ("wandb_project", "wandb_entity"):
+        _check(isinstance(config.train[key], str), f"train.{key}", "a string", config.train[key])
     _check(
         config.train.batch_size % config.train.grad_accum_steps == 0,
         "train.grad_accum_steps",

@@ -158,6 +158,7 @@ def _checkpoint_meta(run: RunContext, stage: str, step: int, data_seed: int, dat
         "skipped_steps": skipped,
         "config": run.config.to_dict(),
         "model": models.config_to_dict(run.model_config),
+        **run.writer.tracking(),  # the W&B run id, so the run it continues is on record with the state
     }
 
 
@@ -190,7 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 json.dump({"train": run_data.train.report, "eval": run_data.eval.report}, f, indent=2)
         with user_errors(f"config.model.path = {config.model.path!r}" if config.model.path else "config.model"):
             graphdef, params, model_config = build.build_model(config, tokenizer, mesh)
-        writer = MetricsWriter(workdir) if main else NullWriter()
+        writer = (MetricsWriter(workdir, tuple(config.train.loggers), config.to_dict(), config.train.wandb_project,
+                                config.train.wandb_entity) if main else NullWriter())
         with user_errors(f"config.eval.reward = {config.eval.reward!r}"):
             evaluator = build.make_evaluator(config, graphdef, run_data, tokenizer, mesh)
         run = RunContext(config, workdir, mesh, graphdef, model_config, run_data, writer, signals, evaluator)
