@@ -22,7 +22,7 @@ from conftest import HF_FIXTURES
 from dpo_jax import data, logprobs, models, step
 from dpo_jax.models import layers
 
-NEW = ["qwen3", "gemma2", "gemma3", "phi3"]
+NEW = ["qwen3", "gemma2", "gemma3", "phi3", "gemma3_multimodal"]  # the last: Gemma 3's image-text checkpoint
 LAYOUTS = {"plain": data.Layout(), "completion_only": data.Layout(completion_only=True),
            "shared_prompt": data.Layout("shared_prompt")}
 TOLERANCE = 1e-4
@@ -256,3 +256,23 @@ def test_a_gemma3_gguf_loads_with_its_norms_shifted_q_k_as_stored_and_transforme
         tokens, logits = golden["tokens"], golden["logits"]
     hidden, logits_fn = models.apply_model(graphdef, params, tokens)
     np.testing.assert_allclose(logits_fn(hidden), logits, atol=TOLERANCE)
+
+
+def test_the_text_part_of_a_gemma3_image_text_checkpoint_loads_and_exports_as_gemma3_text(tmp_path):
+    """Gemma3ForConditionalGeneration's checkpoint (published names, a SigLIP tower): its language model loads
+    (logits: test_hf), the tower is ignored, and the export is the text model alone, loading back bitwise."""
+    directory = os.path.join(HF_FIXTURES, "gemma3_multimodal")
+    _, params, config = models.load_hf(directory)
+    assert type(config).__name__ == "Gemma3Config" and config.layer_types == ("sliding_attention", "full_attention")
+    models.save_hf(params, config, str(tmp_path / "text"))
+    with open(tmp_path / "text" / "config.json") as f:
+        written = json.load(f)
+    assert (written["model_type"], written["architectures"]) == ("gemma3_text", ["Gemma3ForCausalLM"])
+    stored = load_file(os.path.join(directory, "model.safetensors"))
+    exported = load_file(str(tmp_path / "text" / "model.safetensors"))
+    assert sorted(exported) == sorted("model." + name.removeprefix("language_model.model.") for name in stored
+                                      if name.startswith("language_model."))
+    for name, array in exported.items():
+        np.testing.assert_array_equal(array, stored["language_model." + name], err_msg=name)
+    _, reloaded, reloaded_config = models.load_hf(str(tmp_path / "text"))
+    assert reloaded_config == config

@@ -6,8 +6,9 @@ Every family is a frozen config dataclass and an `nnx.Module` holding only `nnx.
 a token attends only to earlier tokens of its own segment; branch ids let sequences share a prefix (branch 0 is
 seen by every branch of its segment, another branch only by itself: `layers.attention_mask`). For decoding,
 `empty_cache(batch, slots)` and `__call__(tokens, positions, cache=cache) -> (hidden, cache)` keep each layer's keys
-and values (`layers.KVCache`, slot = position). Families: gpt2, gptj, gpt_neox (Pythia), llama, qwen2, mistral —
-one small file each on the shared skeleton `decoder.py` and the pieces in `layers.py`; `config.scan_layers` stacks
+and values (`layers.KVCache`, slot = position). Families: gpt2, gptj, gpt_neox (Pythia), llama, qwen2, mistral,
+qwen3, phi3, gemma2 and gemma3 (gemma.py) — one small file each on the shared skeleton `decoder.py` and the pieces
+in `layers.py`; `config.scan_layers` stacks
 the blocks into one `lax.scan` (`stacking.py` converts between the forms). `registry.py` knows the families by
 name, `functional.py` holds the pure (graphdef, params) calls, `hf.py` reads and writes Hugging Face checkpoints
 (and reads GGUF files through `gguf.py`).

@@ -40,6 +40,10 @@ class HFLayout:
     # (fused module, its parts): one checkpoint tensor whose rows are our parts' outputs in order (Phi-3's
     # ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))): split on load, fused on export
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # model_types of image-text checkpoints whose text part this family loads (their config's `text_config`; the
+    # body tensors under one of `prefix_aliases`, the other towers in `ignored`): Gemma 3's "gemma3"
+    text_of: tuple[str, ...] = ()
+    prefix_aliases: tuple[str, ...] = ()  # other prefixes the body tensors may carry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +57,9 @@ class Family:
 
 
 def config_from_hf(family: Family, hf_config: Any, dtype: str) -> Any:
-    """Our config of `family` from a transformers config, with compute dtype `dtype`."""
+    """Our config of `family` from a transformers config (an image-text one's text part), with compute dtype `dtype`."""
+    if hf_config.model_type in family.hf.text_of:
+        hf_config = hf_config.text_config
     fields = {ours: getattr(hf_config, theirs) for ours, theirs in family.hf.fields}
     return family.config_class(**fields, **family.hf.extras_from_hf(hf_config), dtype=dtype)
 

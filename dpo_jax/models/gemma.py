@@ -327,6 +327,11 @@ GEMMA3_FAMILY = Family(
         fields=GEMMA_FIELDS,
         extras_from_hf=_gemma3_from_hf,
         extras_to_hf=_gemma3_to_hf,
-        ignored=GEMMA_IGNORED,
+        # Gemma3ForConditionalGeneration's checkpoints (model_type gemma3): the language model under its published
+        # names (language_model.model.*) or transformers 5's (model.language_model.*); the image tower is not loaded,
+        # and export writes the text model alone (Gemma3ForCausalLM).
+        text_of=("gemma3",),
+        prefix_aliases=("language_model.model.", "model.language_model."),
+        ignored=GEMMA_IGNORED + (r"(model\.)?(vision_tower|multi_modal_projector)\..*",),
     ),
 )

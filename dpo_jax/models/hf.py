@@ -76,9 +76,9 @@ def read_hf_config(path: str, dtype: str = "float32") -> Any:
         raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint directory needs its config.json")
     with open(config_path) as f:
         model_type = json.load(f).get("model_type")
-    family = next((f for f in MODEL_FAMILIES.values() if f.hf.model_type == model_type), None)
+    family = next((f for f in MODEL_FAMILIES.values() if model_type in (f.hf.model_type, *f.hf.text_of)), None)
     if family is None:
-        supported = sorted(f.hf.model_type for f in MODEL_FAMILIES.values())
+        supported = sorted(t for f in MODEL_FAMILIES.values() for t in (f.hf.model_type, *f.hf.text_of))
         raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; supported: {', '.join(supported)}")
     import transformers
 
@@ -139,7 +139,8 @@ def _match_tensors(
     aliases = {ours: other for other, ours in layout.aliases}
     found, missing = {}, []
     for path, (name, _) in names.items():
-        candidates = [name, name.removeprefix(layout.prefix), aliases.get(name)]
+        candidates = [name, name.removeprefix(layout.prefix), aliases.get(name)] + [
+            alias + name.removeprefix(layout.prefix) for alias in layout.prefix_aliases if name.startswith(layout.prefix)]
         present = next((c for c in candidates if c in files), None)
         if present is not None:
             found[path] = present
