@@ -21,7 +21,8 @@ def pytest_configure(config):
     and pytest-xdist workers, which inherit the controller's directory)."""
     import jax
 
-    config.addinivalue_line("markers", "realmodel: runs SmolLM2-135M-Instruct from its GGUF (python -m dpo_jax.fetch)")
+    config.addinivalue_line("markers", "realmodel: runs SmolLM2-135M-Instruct from its GGUF (python -m dpo_jax.fetch), "
+                                       "and Gemma 3 270M when its optional GGUF is present (skipped otherwise)")
     if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         directory = os.environ["JAX_COMPILATION_CACHE_DIR"]  # a pytest-xdist worker: the controller's cache
     else:
