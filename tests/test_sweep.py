@@ -9,6 +9,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from conftest import interrupt_stage_at, make_short_config
@@ -83,7 +84,7 @@ def test_keys_that_change_the_sft_model_train_one_reference_each():
     (["loss.beta=0.1", "loss.beta=-1"], "--grid loss.beta: given twice"),
     (["loss.beta=0.1,-1"], "run 1 (loss.beta=-1,seed=0): config.loss.beta = -1.0 is invalid: expected a finite "
                            "number > 0"),
-    (["loss.name=dpo,dpoo"], "config.loss.name = 'dpoo' is invalid: expected one of"),
+    (["loss.name=dpo,dpoo"], "config.loss.name = 'dpoo' is invalid: unknown loss 'dpoo'; valid losses:"),
     (["loss.beta=1,1.0"], "--grid loss.beta: '1.0' repeats '1'"),
     (["loss.beta="], "expected KEY=VALUE[,VALUE...]"),
     (["seed=1,2"], "--grid seed: config.seed is not a grid key (set by --seeds)"),
@@ -166,6 +167,14 @@ def test_sweep_trains_the_sft_reference_once_and_writes_results_and_plots(traine
     assert plots == sorted(name.replace("/", "_") + ".png" for name in metrics)
     with open(os.path.join(trained.workdir, sweep.PLOTS_DIRECTORY, plots[0]), "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
+    # results.md: the combination's row, each metric's mean ± sample std over the two seeds, and the seed count.
+    with open(os.path.join(trained.workdir, sweep.TABLE_FILE)) as f:
+        header, rule, row = f.read().splitlines()
+    assert header.startswith("| loss.beta | rewards/accuracies | rewards/margins |") and header.endswith(" seeds |")
+    accuracies = [float(r["dpo/rewards/accuracies"]) for r in rows]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "`0.1`" and cells[-1] == "2"
+    assert cells[1] == f"{np.mean(accuracies):.3f} ± {np.std(accuracies, ddof=1):.3f}"
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(trained):

@@ -5,7 +5,8 @@ r"""Sweeps: every combination of `--grid` values × seeds, each a normal run in 
 
 Runs one after another in this process, each in WORKDIR/runs/<key=value,...,seed=S>/ (`config.seed` = S for S in
 0..seeds-1), then writes WORKDIR/results.csv (a row per run: its grid values, seed, status, workdir and the final
-metrics of its summary.json) and WORKDIR/plots/<metric>.png: each final-stage metric against the last grid key
+metrics of its summary.json), WORKDIR/results.md (a Markdown table: a row per grid combination, the mean ± std over
+seeds of the held-out reward accuracy and margin and the samples' reward and KL) and WORKDIR/plots/<metric>.png: each final-stage metric against the last grid key
 (or --plot_x), a line per combination of the other keys, the mean over seeds with ± their sample standard
 deviation as error bars.
 
@@ -46,8 +47,8 @@ from dpo_jax import errors, sharding
 from experiments.sweep.execution import STOPPED_FILE, SUMMARY_FILE, describe, read_summary, status, train, train_one
 from experiments.sweep.grid import Axis, PlannedRun, Sweep, label, parse_grid, plan, shares_reference
 from experiments.sweep.results import (
-    PLOTS_DIRECTORY, RESULTS_FILE, collect, plot_axis, plot_results, result_row, seed_statistics, summary_metrics,
-    write_csv,
+    PLOTS_DIRECTORY, RESULTS_FILE, TABLE_FILE, collect, markdown_table, plot_axis, plot_results, result_row,
+    seed_statistics, summary_metrics, write_csv,
 )
 
 
@@ -66,7 +67,8 @@ def run_sweep(base_config: ml_collections.ConfigDict, grid: Sequence[str], seeds
 
 
 __all__ = [
-    "PLOTS_DIRECTORY", "RESULTS_FILE", "STOPPED_FILE", "SUMMARY_FILE", "Axis", "PlannedRun", "Sweep", "collect",
-    "describe", "label", "parse_grid", "plan", "plot_axis", "plot_results", "read_summary", "result_row", "run_sweep",
-    "seed_statistics", "shares_reference", "status", "summary_metrics", "train", "train_one", "write_csv",
+    "PLOTS_DIRECTORY", "RESULTS_FILE", "STOPPED_FILE", "SUMMARY_FILE", "TABLE_FILE", "Axis", "PlannedRun", "Sweep",
+    "collect", "describe", "label", "markdown_table", "parse_grid", "plan", "plot_axis", "plot_results",
+    "read_summary", "result_row", "run_sweep", "seed_statistics", "shares_reference", "status", "summary_metrics",
+    "train", "train_one", "write_csv",
 ]

@@ -16,7 +16,9 @@ from experiments.sweep.execution import read_summary, status
 from experiments.sweep.grid import Axis, PlannedRun, Sweep
 
 METRIC_SECTIONS = ("sft", "dpo_initial", "dpo")  # summary.json's final held-out metrics of each stage
-RESULTS_FILE, PLOTS_DIRECTORY = "results.csv", "plots"
+RESULTS_FILE, PLOTS_DIRECTORY, TABLE_FILE = "results.csv", "plots", "results.md"
+# The columns of results.md, where the runs have them: held-out reward accuracy and margin, samples' reward and KL.
+TABLE_METRICS = ("rewards/accuracies", "rewards/margins", "samples/reward", "samples/kl")
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:
@@ -114,10 +116,32 @@ def plot_results(sweep: Sweep, rows: Sequence[dict[str, Any]], x_key: str | None
     return paths
 
 
+def markdown_table(sweep: Sweep, rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table with a row per grid combination (in grid order) and, for each of TABLE_METRICS the final
+    stage has, its mean ± sample standard deviation over the finished seeds, with the number of seeds."""
+    done = [row for row in rows if row["status"] == "done"]
+    prefix = final_stage(sweep) + "/"
+    metrics = [m for m in TABLE_METRICS if any(prefix + m in row for row in done)]
+    keys = [axis.key for axis in sweep.axes]
+    lines = ["| " + " | ".join(keys + metrics + ["seeds"]) + " |", "|" + "---|" * (len(keys) + len(metrics) + 1)]
+    for texts in itertools.product(*(axis.texts for axis in sweep.axes)):
+        values = dict(zip(keys, texts))
+        cells = [f"`{t}`" for t in texts]
+        for metric in metrics:
+            point = seed_statistics(done, prefix + metric, values)
+            cells.append("–" if point is None else f"{point[0]:.3f} ± {point[1]:.3f}")
+        cells.append(str(sum(all(row.get(k) == t for k, t in values.items()) for row in done)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def collect(sweep: Sweep, x_key: str | None = None) -> list[dict[str, Any]]:
-    """Write WORKDIR/results.csv (a row per run, in run order) and the plots of the finished runs; return the rows."""
+    """Write WORKDIR/results.csv (a row per run, in run order), results.md (mean ± std over seeds of each grid
+    combination) and the plots of the finished runs; return the rows."""
     rows = [result_row(run) for run in sweep.runs]
     os.makedirs(sweep.workdir, exist_ok=True)
     write_csv(rows, os.path.join(sweep.workdir, RESULTS_FILE))
+    with open(os.path.join(sweep.workdir, TABLE_FILE), "w") as f:
+        f.write(markdown_table(sweep, rows))
     plot_results(sweep, rows, x_key)
     return rows
