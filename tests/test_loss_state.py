@@ -171,6 +171,25 @@ def test_ld_alpha_changes_only_the_policys_log_probs():
     np.testing.assert_allclose(metrics["rewards/chosen"], 0.5 * np.mean(chosen - ref_chosen), rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["plain", "shared_prompt"])
+def test_new_losses_take_pi_ref_from_a_cache_as_from_its_forward(layout):
+    """A batch carrying π_ref's cached log-probs (the reference cache) gives the loss, metrics and running mean that
+    π_ref's forward gives, for a stateful combination with LD-DPO, one row per completion or shared-prompt rows."""
+    graphdef, params = make_model("llama")
+    ref_params = jax.tree.map(lambda x: x * 0.9, params)
+    examples = random_pairs(seed=8)
+    layout = PLAIN if layout == "plain" else LAYOUTS[layout]
+    (ref_chosen, ref_rejected), _ = step.make_pair_logps(graphdef, 5)(ref_params, batch_of(examples, layout))
+    cached = batch_of(data.with_reference_logps(examples, ref_chosen, ref_rejected), layout)
+    name = "dpo+0.5*bco_pair+0.2*sft"
+    loss_fn = step.make_loss_fn(graphdef, name, losses.LossParams(beta=0.5, ld_alpha=0.5), chunk_size=5)
+    state = losses.init_loss_state(name)
+    forward = loss_fn(params, ref_params, batch_of(examples, layout), state)
+    from_cache = loss_fn(params, None, cached, state)
+    for a, b in zip(jax.tree.leaves(forward), jax.tree.leaves(from_cache)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_reference_sync_mixes_pi_ref_towards_the_policy_every_n_steps():
     _, params, tx, train_step, _ = tiny_step("dpo", reference_sync=step.ReferenceSync(every=2, mixup_alpha=0.25))
     initial_ref = jax.tree.map(lambda x: x * 0.9, params)
