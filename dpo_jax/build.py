@@ -139,15 +139,21 @@ def build_data(config: ml_collections.ConfigDict, tokenizer) -> RunData:
     source = dict(
         seed=config.seed, path=config.data.path, eval_path=config.data.eval_path,
         eval_fraction=config.data.eval_fraction, tfds_data_dir=config.data.tfds_data_dir,
-        download=config.data.download, raw_dir=config.data.raw_dir,
+        download=config.data.download, raw_dir=config.data.raw_dir, columns=config.data.columns.to_dict(),
+        **{key: config.data[key] for key in ("hf_config", "hf_split", "hf_eval_split", "hf_revision", "hf_cache_dir")},
     )
+    # A mixture's sources are read and scanned one by one (num_*_pairs caps each), then concatenated (mixture.py).
+    parts = tuple(config.data.mixture) if config.data.source == "mixture" else ((config.data.source, 1.0),)
     splits, records = {}, {}
     for split, num_records in (("train", config.data.num_train_pairs), ("eval", config.data.num_eval_pairs)):
-        records[split] = data.load_split(config.data.source, split, num_records=num_records, **source)
-        splits[split] = data.scan(
-            records[split], tokenizer, strict=config.data.strict, name=f"{config.data.source}/{split}",
-            num_threads=config.data.num_threads, **settings,
-        )
+        scanned, records[split] = [], []
+        for spec, weight in parts:
+            part = data.load_split(spec, split, num_records=num_records, **source)
+            records[split].extend(part)
+            scanned.append((spec, weight, data.scan(
+                part, tokenizer, strict=config.data.strict, name=f"{spec}/{split}", num_threads=config.data.num_threads,
+                **settings)))
+        splits[split] = scanned[0][2] if config.data.source != "mixture" else data.concatenate(scanned)
     for stage in stages_of(config):
         loss_name = stage_loss(config, stage)
         for split, batch_size, key in (("train", config.train.batch_size, "batch_size"),

@@ -86,6 +86,18 @@ def base_config() -> ml_collections.ConfigDict:
             strict=False,  # a bad record stops the run (True) or is skipped and counted in data_report.json
             length_buckets=(),  # padded lengths of rows; () : max_length / 4, / 2, max_length (see data.length_buckets)
             num_threads=8,  # Grain threads tokenising the records at start
+            # source = "hf:ORG/NAME": a Hugging Face Hub dataset (docs/hub_datasets.md); its config, split, held-out
+            # split ('' : a seeded data.eval_fraction of hf_split), revision and cache ('' : HF_HUB_CACHE's).
+            hf_config="",
+            hf_split="train",
+            hf_eval_split="",
+            hf_revision="",
+            hf_cache_dir="",
+            # The source's column holding each of our fields ('' : the field's own name; a.b for a nested one).
+            columns=ml_collections.ConfigDict(dict(prompt="", chosen="", rejected="", completion="", label="")),
+            # source = "mixture": ((spec, weight), ...) sampled by weight (Grain's mix, seeded and resumable); a spec
+            # is a source name, "hf:ORG/NAME[?split=..]" or "file:PATH" (pairs, as ConfigDict keys cannot hold dots).
+            mixture=(),
         )
     )
     config.loss = ml_collections.ConfigDict(
@@ -271,7 +283,20 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:
-    _choice(config, "data.source", data.source_names())
+    if not data.is_hub_source(config.data.source):
+        _choice(config, "data.source", (*data.source_names(), "mixture", "hf:ORG/NAME"))
+    for key in ("hf_config", "hf_split", "hf_eval_split", "hf_revision", "hf_cache_dir"):
+        _check(isinstance(config.data[key], str), f"data.{key}", "a string", config.data[key])
+    _check(bool(config.data.hf_split), "data.hf_split", "a split name", config.data.hf_split)
+    for field, column in config.data.columns.items():
+        _check(isinstance(column, str), f"data.columns.{field}", "a column name string ('' for the same name)",
+               column)
+    _check(bool(config.data.mixture) == (config.data.source == "mixture"), "data.mixture",
+           "((source spec, weight), ...) exactly when data.source = 'mixture'", config.data.mixture)
+    _wrapped(f"config.data.mixture = {config.data.mixture!r}", data.check_mixture, config.data.mixture)
+    for spec in [s for s in (config.data.source,) if s != "mixture"] + [spec for spec, _ in config.data.mixture]:
+        _wrapped(f"config.data.source = {spec!r}", data.check_source_spec, spec, config.data.hf_config,
+                 config.data.hf_split, config.data.hf_eval_split, config.data.hf_revision)
     _wrapped(f"config.data.tokenizer = {config.data.tokenizer!r}", data.check_tokenizer_name, config.data.tokenizer,
              config.model.path)
     for key in ("max_length", "max_prompt_length"):

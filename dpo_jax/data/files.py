@@ -22,9 +22,10 @@ suffix, JSON that is none of these, an unreadable Parquet file.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -255,9 +256,39 @@ def normalise_row(row: Any, origin: str) -> dict[str, Any]:
 # --- the public API -----------------------------------------------------------------------------------------------
 
 
-def read_preference_file(path: str) -> list[dict]:
+def file_rows(path: str, name: str) -> Iterator[tuple[str, Any, str]]:
+    """(origin, raw row or None, problem) of each record of a local JSONL / JSON / Parquet file (.gz: gzipped JSON
+    lines or JSON), origins prefixed by `name`; ValueError for an unknown suffix or an unreadable whole file."""
+    suffix = os.path.splitext(path.removesuffix(".gz"))[1].lower()
+    if suffix not in FILE_SUFFIXES or (path.endswith(".gz") and suffix == ".parquet"):
+        raise ValueError(f"{path}: unknown preference file type {suffix or '(no suffix)'!r}; "
+                         f"expected one of {', '.join(FILE_SUFFIXES)} (JSON ones may be .gz)")
+    if suffix == ".parquet":
+        return _parquet_rows(path, name)
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    return _jsonl_rows(data, name) if suffix == ".jsonl" else _json_rows(data, name, path)
+
+
+def rename_columns(row: Any, columns: Mapping[str, str]) -> Any:
+    """`row` with each field of `columns` ({our field: the source's column, a dotted path for a nested one})
+    taken from that column; a row that is not an object, or an empty mapping, passes unchanged."""
+    if not columns or not isinstance(row, dict):
+        return row
+    renamed = {k: v for k, v in row.items() if k not in columns.values()}
+    for field, column in columns.items():
+        value: Any = row
+        for part in column.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            renamed[field] = value
+    return renamed
+
+
+def read_preference_file(path: str, columns: Mapping[str, str] | None = None) -> list[dict]:
     """Every record of a JSONL / JSON / Parquet preference file, normalised, in file order; a bad record keeps only
     its `origin` ("<basename>:<line>" for JSONL, 1-based; "<basename>:row <i>", 0-based, otherwise) and `problem`.
+    `columns` renames the file's columns to ours first (see `rename_columns`).
 
     Raises FileNotFoundError or ValueError, naming the file, only for problems of the whole file."""
     suffix = os.path.splitext(path)[1].lower()
@@ -273,7 +304,8 @@ def read_preference_file(path: str) -> list[dict]:
         with open(path, "rb") as f:
             data = f.read()
         rows = _jsonl_rows(data, name) if suffix == ".jsonl" else _json_rows(data, name, path)
-    return [{"origin": origin, "problem": bad} if bad else normalise_row(row, origin) for origin, row, bad in rows]
+    return [{"origin": origin, "problem": bad} if bad else normalise_row(rename_columns(row, columns or {}), origin)
+            for origin, row, bad in rows]
 
 
 def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

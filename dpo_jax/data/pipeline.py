@@ -36,6 +36,7 @@ class Examples:
     encoded: list[dict]
     paired: bool
     report: dict[str, Any]
+    mixture: tuple = ()  # ((spec, weight, count), ...): consecutive parts of `encoded` drawn by weight (mixture.py)
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -110,7 +111,8 @@ def split_pairs(examples: Examples) -> Examples:
         {"prompt": e["prompt"], "completion": e[name], "label": label, "truncated": e["truncated"]}
         for e in examples.encoded for name, label in (("chosen", True), ("rejected", False))
     ]
-    return Examples(unpaired, paired=False, report={**examples.report, "split_pairs": True})
+    return Examples(unpaired, paired=False, report={**examples.report, "split_pairs": True},
+                    mixture=tuple((spec, weight, 2 * count) for spec, weight, count in examples.mixture))
 
 
 def length_buckets(max_length: int, buckets: Sequence[int] = (), pack: str = "none") -> tuple[int, ...]:
@@ -143,7 +145,10 @@ class TrainBatches:
         if not 1 <= batch_size <= len(examples):
             raise ValueError(f"batch_size must be in [1, {len(examples)}] (the number of examples), got {batch_size}")
         self.seed, self.batch_size = seed, batch_size
-        dataset = grain.MapDataset.source(examples.encoded).shuffle(seed=seed).repeat(None)
+        if examples.mixture:  # each source its own shuffle, drawn by weight (mixture.py)
+            dataset = _mixed(examples, seed)
+        else:
+            dataset = grain.MapDataset.source(examples.encoded).shuffle(seed=seed).repeat(None)
         self.dataset = dataset.batch(batch_size, batch_fn=functools.partial(
             _collate_share, buckets=tuple(buckets), pad_id=pad_id, share=slice(process_index, None, process_count),
             layout=layout))
@@ -160,6 +165,17 @@ class TrainBatches:
         if state is not None:
             iterator.set_state(dict(state))
         return iterator
+
+
+def _mixed(examples: Examples, seed: int) -> grain.MapDataset:
+    """The endless training order of a mixture: each source shuffled by its own stream of `seed` and repeated,
+    interleaved by weight (Grain's mix)."""
+    datasets, start = [], 0
+    for index, (_, _, count) in enumerate(examples.mixture):
+        part = examples.encoded[start:start + count]
+        start += count
+        datasets.append(grain.MapDataset.source(part).shuffle(seed=seed * 1009 + index).repeat(None))
+    return grain.MapDataset.mix(datasets, [weight for _, weight, _ in examples.mixture])
 
 
 def eval_batches(

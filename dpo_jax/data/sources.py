@@ -4,14 +4,17 @@
 - "file": the user's JSONL / JSON / Parquet file (data.path), held-out records from data.eval_path or a seeded
   split of the same file (data.eval_fraction);
 - "tldr", "hh", "shp", "imdb": the paper's datasets (their recipes: paper_datasets.py), TFDS builders over their
-  original files (tfds_sources.py), prepared once into data.tfds_data_dir.
+  original files (tfds_sources.py), prepared once into data.tfds_data_dir;
+- "hf:ORG/NAME": a Hugging Face Hub dataset (hub.py), read like a file;
+- in a mixture (mixture.py), also "file:PATH": that file, its held-out records a seeded share of it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
-from dpo_jax.data import synthetic
+from dpo_jax.data import hub, synthetic
 from dpo_jax.data.files import read_preference_file, split_records
 from dpo_jax.data.paper_datasets import TFDS_SOURCES
 
@@ -43,11 +46,30 @@ def _synthetic(split: str, num_records: int, seed: int, **_) -> list[dict[str, A
     return [{**pair, "origin": f"synthetic_sentiment/{split} {i}", "problem": ""} for i, pair in enumerate(pairs)]
 
 
-def _file(split: str, seed: int, path: str, eval_path: str, eval_fraction: float, **_) -> list[dict[str, Any]]:
+def _file(split: str, seed: int, path: str, eval_path: str, eval_fraction: float, columns=None,
+          **_) -> list[dict[str, Any]]:
     if eval_path:
-        return read_preference_file(path if split == "train" else eval_path)
-    train, held_out = split_records(read_preference_file(path), eval_fraction, seed)
+        return read_preference_file(path if split == "train" else eval_path, columns)
+    train, held_out = split_records(read_preference_file(path, columns), eval_fraction, seed)
     return train if split == "train" else held_out
+
+
+FILE_PREFIX = "file:"
+
+
+def check_source_spec(spec: str, hf_config: str = "", hf_split: str = "train", hf_eval_split: str = "",
+                      hf_revision: str = "") -> None:
+    """ValueError unless `spec` is a source name, 'hf:ORG/NAME[?...]' or 'file:PATH' (an existing file)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"expected a source spec string, got {spec!r}")
+    if hub.is_hub_source(spec):
+        hub.parse_spec(spec, hf_config, hf_split, hf_eval_split, hf_revision)
+    elif spec.startswith(FILE_PREFIX):
+        if not os.path.isfile(spec[len(FILE_PREFIX):]):
+            raise ValueError(f"{spec!r}: no such file")
+    elif spec not in SOURCES:
+        raise ValueError(f"unknown data source {spec!r}; expected one of {', '.join(SOURCES)}, 'hf:ORG/NAME' or "
+                         "'file:PATH'")
 
 
 def load_split(
@@ -62,9 +84,23 @@ def load_split(
     tfds_data_dir: str = "",
     download: bool = True,
     raw_dir: str = "",
+    columns: dict[str, str] | None = None,
+    hf_config: str = "",
+    hf_split: str = "train",
+    hf_eval_split: str = "",
+    hf_revision: str = "",
+    hf_cache_dir: str = "",
 ) -> Sequence[dict[str, Any]]:
     """The records of `source`'s `split`. `num_records` is how many to generate (synthetic) or, elsewhere, the most
-    to take, from the start (0: all)."""
+    to take, from the start (0: all). `source` may also be 'hf:ORG/NAME[?...]' (hf_*: its defaults) or
+    'file:PATH'; `columns` ({our field: their column}) applies to files and Hub datasets."""
+    columns = {field: column for field, column in (columns or {}).items() if column}
+    if hub.is_hub_source(source):
+        spec = hub.parse_spec(source, hf_config, hf_split, hf_eval_split, hf_revision)
+        records = hub.load_hub_records(spec, split, seed, eval_fraction, hf_cache_dir, columns)
+        return _First(records, num_records) if num_records else records
+    if source.startswith(FILE_PREFIX):
+        source, path, eval_path = "file", source[len(FILE_PREFIX):], ""
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; valid names: {', '.join(SOURCES)}")
     if split not in SPLITS:
@@ -72,7 +108,7 @@ def load_split(
     if source == "synthetic_sentiment":
         return _synthetic(split, num_records, seed)
     if source == "file":
-        records = _file(split, seed, path, eval_path, eval_fraction)
+        records = _file(split, seed, path, eval_path, eval_fraction, columns)
     else:
         from dpo_jax.data.tfds_sources import load_tfds_records  # TFDS takes seconds to import: only its users wait
 
