@@ -262,9 +262,8 @@ def make_train_step(
             "skipped": jnp.logical_not(finite).astype(jnp.float32), **losses.running_metrics(loss_state),
         }
         if reference_sync is not None:
-            reference = reference_sync(state.reference, params, state.step + 1)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state,
-                             reference=reference if reference_sync is not None else state.reference), metrics
+            state = state.replace(reference=reference_sync(state.reference, params, state.step + 1))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state), metrics
 
     if shardings is None:
         return jax.jit(train_step, donate_argnums=0)
