@@ -78,9 +78,12 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def model_config_of(config: ml_collections.ConfigDict, vocab_size: int) -> Any:
-    """The architecture to train, without allocating it: `config.model.path`'s config.json, or a random model of
-    `config.model`'s family and sizes (vocabulary `vocab_size`); compute dtype, remat and scan_layers from
-    `config.model`."""
+    """The architecture to train, without allocating it: `config.model.config_path`'s or `config.model.path`'s
+    config.json, or a random model of `config.model`'s family and sizes (vocabulary `vocab_size`); compute dtype,
+    remat and scan_layers from `config.model`."""
+    if config.model.config_path:  # the architecture alone (the dry run): no checkpoint read
+        return dataclasses.replace(models.read_hf_config(config.model.config_path, config.model.dtype),
+                                   remat=config.model.remat, scan_layers=config.model.scan_layers)
     if not config.model.path:
         return models.config_from_section(config.model, vocab_size=vocab_size)
     defaults = config_lib.base_config().model

@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
             # Blocks stacked and run in one lax.scan, so compile time does not grow with depth; None (auto): from
             # 8 layers on. Same weights and checkpoints either way (a checkpoint of one form restores into the other).
             scan_layers=ml_collections.config_dict.placeholder(bool),
+            # A config.json (the file, or a directory holding only it) whose architecture the dry run sizes, without
+            # weights or tokenizer, so a run is sized offline before its checkpoint is at hand; '' : model.path's.
+            config_path="",
         )
     )
     # Devices: a Mesh of data × fsdp × tensor (-1: the rest of the devices); see sharding.py.
@@ -258,11 +261,21 @@ def _wrapped(key: str, check, *args) -> None:
 
 def _validate_model(config: ml_collections.ConfigDict) -> None:
     _check(isinstance(config.model.path, str), "model.path", "a path or repo id string ('' for none)", config.model.path)
+    _check(isinstance(config.model.config_path, str), "model.config_path", "a config.json path ('' for none)",
+           config.model.config_path)
     _choice(config, "model.dtype", models.COMPUTE_DTYPES)
     _choice(config, "model.reference_dtype", ("float32", "bfloat16"))
     _choice(config, "model.remat", models.REMAT_MODES)
     _check(config.model.scan_layers is None or isinstance(config.model.scan_layers, bool), "model.scan_layers",
            f"None (auto: from {models.SCAN_LAYERS_FROM} layers on), True or False", config.model.scan_layers)
+    if config.model.config_path:
+        _check(config.dry_run, "model.config_path", "'' unless config.dry_run = True (it sizes a model; training "
+               "loads model.path's checkpoint)", config.model.config_path)
+        _check(os.path.exists(config.model.config_path), "model.config_path",
+               "an existing config.json, or a directory holding one", config.model.config_path)
+        _wrapped(f"config.model.config_path = {config.model.config_path!r}", models.read_hf_config,
+                 config.model.config_path, config.model.dtype)
+        return  # the architecture is config_path's; model.path (maybe a repo id, maybe offline) is never read
     if config.model.path:
         if models.is_local_path(config.model.path):  # a local checkpoint is checked now; a repo id when fetched
             _wrapped(f"config.model.path = {config.model.path!r}", models.read_hf_config, config.model.path,

@@ -98,8 +98,8 @@ def compiled_temporaries(config, stage, graphdef, family, mesh_shape, params, re
 def report(config: ml_collections.ConfigDict) -> str:
     """The per-device memory table of the config's run on its mesh, and whether it fits `mesh.device_memory_gb`."""
     mesh = _mesh(config)
-    if config.model.path:
-        vocab_size = 1  # the checkpoint's config.json gives the vocabulary
+    if config.model.path or config.model.config_path:
+        vocab_size = 1  # the checkpoint's config.json gives the vocabulary (no tokenizer needed)
     else:
         vocab_size = data.get_tokenizer(config.data.tokenizer).vocab_size
     model_config = build.model_config_of(config, vocab_size)

@@ -64,14 +64,17 @@ def resolve_checkpoint_dir(path: str, config_only: bool = False) -> str:
 
 
 def read_hf_config(path: str, dtype: str = "float32") -> Any:
-    """Our family config from `path`'s config.json (local directory or repo id; no weights needed), or from the
-    metadata of the GGUF file `path` names (models/gguf.py), with compute dtype `dtype`."""
+    """Our family config from `path`'s config.json (local directory or repo id; no weights needed; or a .json file
+    itself), or from the metadata of the GGUF file `path` names (models/gguf.py), with compute dtype `dtype`."""
     if (gguf_path := gguf_file(path)) is not None:
         hf_config = read_gguf_config(gguf_path)
         family = next(f for f in MODEL_FAMILIES.values() if f.hf.model_type == hf_config.model_type)
         return config_from_hf(family, hf_config, dtype)
-    directory = resolve_checkpoint_dir(path, config_only=True)
-    config_path = os.path.join(directory, CONFIG_FILE)
+    if path.endswith(".json") and os.path.isfile(path):  # a config.json alone: the architecture, no checkpoint
+        directory, config_path = "", path
+    else:
+        directory = resolve_checkpoint_dir(path, config_only=True)
+        config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint directory needs its config.json")
     with open(config_path) as f:
@@ -82,7 +85,11 @@ def read_hf_config(path: str, dtype: str = "float32") -> Any:
         raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; supported: {', '.join(supported)}")
     import transformers
 
-    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    if directory:
+        hf_config = transformers.AutoConfig.from_pretrained(directory)
+    else:
+        with open(config_path) as f:
+            hf_config = transformers.AutoConfig.for_model(**json.load(f))
     try:
         return config_from_hf(family, hf_config, dtype)
     except ValueError as error:

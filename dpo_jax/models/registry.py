@@ -68,6 +68,7 @@ def config_from_section(section: Any, vocab_size: int) -> Any:
     """The random-model config that a config file's `model` section (family, sizes, no path) describes."""
     fields = section.to_dict() if hasattr(section, "to_dict") else dict(section)
     fields.pop("path", None)
+    fields.pop("config_path", None)  # a config.json the dry run sizes instead (build.model_config_of)
     fields.pop("reference_dtype", None)  # how π_ref is stored, not the architecture
     return config_from_dict({**fields, "vocab_size": vocab_size})
 
