@@ -18,7 +18,7 @@ from absl import logging
 from flax import nnx
 
 from dpo_jax import config as config_lib
-from dpo_jax import data, losses, models, reference_cache, rewards, sharding
+from dpo_jax import data, lora, losses, models, reference_cache, rewards, sharding
 from dpo_jax.optimizer import make_optimizer
 from dpo_jax.sample_eval import SampleEvaluator
 from dpo_jax.sampling import SamplingSettings
@@ -87,8 +87,8 @@ def model_config_of(config: ml_collections.ConfigDict, vocab_size: int) -> Any:
     if not config.model.path:
         return models.config_from_section(config.model, vocab_size=vocab_size)
     defaults = config_lib.base_config().model
-    ignored = sorted(k for k in config.model if k not in ("path", "dtype", "reference_dtype", "remat", "scan_layers")
-                     and config.model[k] != defaults.get(k))
+    kept = ("path", "dtype", "reference_dtype", "remat", "scan_layers", "lora")
+    ignored = sorted(k for k in config.model if k not in kept and config.model[k] != defaults.get(k))
     if ignored:
         logging.warning("model.path is set, so config.model.%s are ignored: the checkpoint's config.json "
                         "defines the architecture", ", ".join(ignored))
@@ -120,6 +120,19 @@ def build_model(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding
         params = jax.device_put(init(), shardings) if mesh.size == 1 else jax.jit(init, out_shardings=shardings)()
     logging.info("model: %s", model_config)
     return graphdef, params, model_config
+
+
+def attach_lora(config: ml_collections.ConfigDict, graphdef: Any, params: Any, family: str,
+                mesh: jax.sharding.Mesh) -> tuple[Any, Any, str]:
+    """`config.model.lora`'s adapted model of (graphdef, params): (its graphdef, its params — the base, quantised as
+    asked, and the adapters — on their shardings, the base's fingerprint, which its checkpoints record)."""
+    settings = lora.LoraSettings.from_config(config.model.lora)
+    fingerprint = lora.base_fingerprint(params, settings)
+    graphdef, base, adapters = lora.attach(graphdef, params, settings, config.seed)
+    params = lora.combine(base, adapters)
+    logging.info("LoRA: %d adapter and %d base parameters", sum(x.size for x in jax.tree.leaves(adapters)),
+                 sum(x.size for x in jax.tree.leaves(base)))
+    return graphdef, jax.device_put(params, sharding.tree_shardings(params, family, mesh)), fingerprint
 
 
 def reference_params(params: Any, dtype: str) -> Any:
@@ -236,6 +249,8 @@ def stage_steps(
         replicated=sharding.replicated(mesh),
     )
     loss_fn = make_loss_fn(graphdef, loss_name, loss_params(config), config.train.logprob_chunk_size)
+    if config.model.lora.enabled:  # of (adapters, base): the policy with the adapters, π_ref without
+        loss_fn = lora.wrap_loss_fn(loss_fn)
     train_step = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps, shardings, sync)
     return create_state, shardings, train_step, make_eval_step(loss_fn, shardings)
 

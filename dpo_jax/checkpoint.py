@@ -300,6 +300,21 @@ def load_final_params(workdir: str, stage: str, abstract_params: Any, step: int 
         manager.close()
 
 
+def check_base(meta: dict, base: dict | None, where: str) -> None:
+    """Refuse (UserError) a checkpoint whose recorded LoRA base (`meta["lora_base"]`: path and fingerprint) is not
+    `base`, this run's (None: a run without LoRA), so adapters never resume onto weights they were not trained on."""
+    stored = meta.get("lora_base")
+    if stored == base:
+        return
+    if stored is None or base is None:
+        raise UserError(f"{where}: the checkpoint holds {'full params' if stored is None else 'LoRA adapters'} but "
+                        f"this run trains {'LoRA adapters' if stored is None else 'full params'} "
+                        "(config.model.lora.enabled differs); use another workdir")
+    raise UserError(f"{where}: the checkpoint's LoRA adapters belong to the base {stored['path'] or 'random model'} "
+                    f"(fingerprint {stored['fingerprint']}), not this run's {base['path'] or 'random model'} "
+                    f"(fingerprint {base['fingerprint']}); resume on that base or use another workdir")
+
+
 def abstract(tree: Any) -> Any:
     """Shape/dtype skeleton of a pytree, the restore target for Orbax."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

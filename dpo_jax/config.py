@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from dpo_jax import data, losses, metrics_writer, models, rewards, sharding
+from dpo_jax import data, lora, losses, metrics_writer, models, rewards, sharding
 from dpo_jax.errors import UserError
 
 MODES = ("sft", "dpo", "sft_then_dpo", "precompute_ref")
@@ -55,6 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
             # A config.json (the file, or a directory holding only it) whose architecture the dry run sizes, without
             # weights or tokenizer, so a run is sized offline before its checkpoint is at hand; '' : model.path's.
             config_path="",
+            # LoRA (docs/lora.md): train low-rank adapters alpha/rank·A·B on the dense layers whose module path
+            # matches `targets` (a regex; '' = every dense layer of the blocks); π_ref = the base, adapters off.
+            # base_quantization stores the frozen base as int8 or NF4 (QLoRA), dequantised in each matmul.
+            lora=ml_collections.ConfigDict(
+                dict(enabled=False, rank=16, alpha=32.0, targets="", base_quantization="none")
+            ),
         )
     )
     # Devices: a Mesh of data × fsdp × tensor (-1: the rest of the devices); see sharding.py.
@@ -284,6 +290,37 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
         _choice(config, "model.family", models.family_names())
         # The family's own config checks its fields; vocab_size comes from the tokenizer later.
         _wrapped("config.model", models.config_from_section, config.model, 1)
+    _validate_lora(config)
+
+
+def _validate_lora(config: ml_collections.ConfigDict) -> None:
+    """model.lora: its values, the modes and reference settings it can serve, and targets that select a layer."""
+    section = config.model.lora
+    _check(isinstance(section.enabled, bool), "model.lora.enabled", "True or False", section.enabled)
+    if not section.enabled:
+        return
+    _positive_int(config, "model.lora.rank")
+    _number(config, "model.lora.alpha", 0, float("inf"), low_open=True)
+    _check(isinstance(section.targets, str), "model.lora.targets", "a regex string ('' for every dense layer)",
+           section.targets)
+    _choice(config, "model.lora.base_quantization", lora.QUANTIZATIONS)
+    _check(config.mode in ("dpo", "precompute_ref"), "model.lora.enabled",
+           f"False with config.mode = {config.mode!r}: LoRA trains the DPO stage of a base model (mode 'dpo', or "
+           "'precompute_ref' for its reference cache), π_ref being the base with the adapters off", True)
+    _check(not config.dpo.reference_workdir, "model.lora.enabled",
+           f"False with dpo.reference_workdir = {config.dpo.reference_workdir!r}: the adapters' base (and π_ref) "
+           "is model.path's checkpoint or the random model", True)
+    _check(config.model.reference_dtype == "float32", "model.lora.enabled",
+           f"False with model.reference_dtype = {config.model.reference_dtype!r}: π_ref is the base itself, kept "
+           "once (store it smaller with model.lora.base_quantization)", True)
+    _check(not config.ref.sync_every, "model.lora.enabled",
+           f"False with ref.sync_every = {config.ref.sync_every} (TR-DPO): π_ref is the frozen base with the "
+           "adapters off, it cannot move towards the policy", True)
+    if config.model.path and not models.is_local_path(config.model.path):
+        return  # a repo id: its layers are checked when it is fetched
+    model_config = (models.read_hf_config(config.model.path, config.model.dtype) if config.model.path
+                    else models.config_from_section(config.model, 1))
+    _wrapped("config.model.lora.targets", lora.check_targets, model_config, section.targets)
 
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:

@@ -21,7 +21,7 @@ import ml_collections
 from absl import logging
 from tqdm.auto import tqdm
 
-from dpo_jax import build, checkpoint, data, losses, models, reference_cache, sharding
+from dpo_jax import build, checkpoint, data, lora, losses, models, reference_cache, sharding
 from dpo_jax import config as config_lib
 from dpo_jax.errors import user_errors
 from dpo_jax.guards import PreemptionSignals, WorkdirLock
@@ -48,6 +48,7 @@ class RunContext:
     writer: MetricsWriter | NullWriter  # process 0 writes metrics; the others a NullWriter
     signals: PreemptionSignals
     evaluator: SampleEvaluator | None = None  # samples at each evaluation (None: data.num_eval_prompts = 0)
+    lora_base: dict | None = None  # with LoRA: the base's path and fingerprint (checkpoints record it)
 
     @property
     def family(self) -> str:
@@ -65,7 +66,9 @@ def train_stage(
     """
     config = run.config
     loss_name = build.stage_loss(config, stage)
-    if not losses.uses_reference(loss_name, build.loss_params(config)):
+    if run.lora_base is not None:  # the train state holds the adapters; the frozen base is also π_ref
+        params, ref_params = lora.split(params)
+    elif not losses.uses_reference(loss_name, build.loss_params(config)):
         ref_params = None
     state, train_step, eval_step = build.compile_stage(
         config, stage, run.graphdef, run.family, run.mesh, params, ref_params, donate_params)
@@ -77,7 +80,7 @@ def train_stage(
         run.workdir, stage, config.train.keep_checkpoints, config.train.max_save_failures)
     progress = None
     try:
-        state, data_state, nonfinite = _restore(checkpoints, state, config, stage)
+        state, data_state, nonfinite = _restore(checkpoints, state, config, stage, run.lora_base)
         first_step, num_steps = int(state.step), config[stage].num_steps
         run.writer.truncate(stage, first_step)  # what a killed run logged after its checkpoint is logged again
         train_iterator = batches.iterator(data_state)
@@ -108,7 +111,8 @@ def train_stage(
         checkpoints.close()
     # Resumed at the end, nothing ran: evaluate the restored params.
     final_eval = evaluation.latest or evaluate(state, int(state.step))
-    return state.params, initial_eval, final_eval
+    final_params = state.params if run.lora_base is None else lora.combine(ref_params, state.params)
+    return final_params, initial_eval, final_eval
 
 
 def _stage_evaluation(run: RunContext, stage: str, eval_step, ref_params: Any, loss_name: str):
@@ -123,7 +127,11 @@ def _stage_evaluation(run: RunContext, stage: str, eval_step, ref_params: Any, l
         metrics = evaluate_pairs(eval_step, params, ref_params, eval_examples, config.train.eval_batch_size,
                                  run.data.buckets, run.data.pad_id, run.data.layout, run.mesh, state.loss_state)
         if run.evaluator is not None:
-            sample_means, records = run.evaluator(params, ref_params if stage == "dpo" else None)
+            reference = ref_params if stage == "dpo" else None
+            if run.lora_base is not None:  # the adapted model's: with the adapters, and without them
+                params, reference = (lora.combine(ref_params, params),
+                                     lora.combine(ref_params, lora.adapters_off(params)))
+            sample_means, records = run.evaluator(params, reference)
             metrics.update({f"samples/{name}": value for name, value in sample_means.items()})
             run.writer.write_samples(stage, step, records)
         return metrics
@@ -131,13 +139,16 @@ def _stage_evaluation(run: RunContext, stage: str, eval_step, ref_params: Any, l
     return evaluate
 
 
-def _restore(checkpoints: checkpoint.StageCheckpoints, state: Any, config: ml_collections.ConfigDict, stage: str):
-    """(state, Grain iterator state or None, NonFiniteSteps) from the stage's latest checkpoint, or as they start."""
+def _restore(checkpoints: checkpoint.StageCheckpoints, state: Any, config: ml_collections.ConfigDict, stage: str,
+             lora_base: dict | None = None):
+    """(state, Grain iterator state or None, NonFiniteSteps) from the stage's latest checkpoint, or as they start;
+    a checkpoint of LoRA adapters on another base (or of the other kind) is refused."""
     nonfinite = NonFiniteSteps(stage, config.train.max_nonfinite_steps)
     restored = checkpoints.restore(checkpoint.abstract(state))
     if restored is None:
         return state, None, nonfinite
     state, meta = restored
+    checkpoint.check_base(meta, lora_base, f"{stage} checkpoint at step {int(state.step)}")
     nonfinite.total = meta.get("skipped_steps", 0)
     logging.info("%s: resumed from step %d (data position %d)", stage, int(state.step), meta["data_position"])
     changes = config_lib.changed_keys(meta["config"], config.to_dict())
@@ -159,6 +170,7 @@ def _checkpoint_meta(run: RunContext, stage: str, step: int, data_seed: int, dat
         "config": run.config.to_dict(),
         "model": models.config_to_dict(run.model_config),
         **run.writer.tracking(),  # the W&B run id, so the run it continues is on record with the state
+        **({"lora_base": run.lora_base} if run.lora_base is not None else {}),
     }
 
 
@@ -191,11 +203,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 json.dump({"train": run_data.train.report, "eval": run_data.eval.report}, f, indent=2)
         with user_errors(f"config.model.path = {config.model.path!r}" if config.model.path else "config.model"):
             graphdef, params, model_config = build.build_model(config, tokenizer, mesh)
+        lora_base = None
+        if config.model.lora.enabled:  # params: the base (π_ref) and the adapters
+            graphdef, params, fingerprint = build.attach_lora(
+                config, graphdef, params, models.family_of(model_config).name, mesh)
+            lora_base = {"path": config.model.path, "fingerprint": fingerprint}
         writer = (MetricsWriter(workdir, tuple(config.train.loggers), config.to_dict(), config.train.wandb_project,
                                 config.train.wandb_entity) if main else NullWriter())
         with user_errors(f"config.eval.reward = {config.eval.reward!r}"):
             evaluator = build.make_evaluator(config, graphdef, run_data, tokenizer, mesh)
-        run = RunContext(config, workdir, mesh, graphdef, model_config, run_data, writer, signals, evaluator)
+        run = RunContext(config, workdir, mesh, graphdef, model_config, run_data, writer, signals, evaluator, lora_base)
         summary: dict[str, Any] = {
             "config": config.to_dict(),
             "data": {split: {k: v for k, v in e.report.items() if k != "skipped_examples"}
@@ -278,7 +295,8 @@ def reference_key(run: RunContext, tokenizer, params: Any) -> dict[str, str]:
     lengths = {k: config.data[k] for k in ("max_length", "max_prompt_length", "truncation_mode")}
     return reference_cache.cache_key(
         data=run.data.fingerprint, tokenizer=reference_cache.tokenizer_fingerprint(tokenizer), lengths=lengths,
-        reference=reference_cache.params_fingerprint(params), reference_dtype=config.model.reference_dtype,
+        reference=(reference_cache.params_fingerprint(params) if run.lora_base is None
+                   else run.lora_base["fingerprint"]), reference_dtype=config.model.reference_dtype,
         compute_dtype=run.model_config.dtype,
     )
 
@@ -288,7 +306,8 @@ def build_reference_cache(run: RunContext, tokenizer, params: Any) -> dict[str, 
     written to ref.cache by process 0; returns the cache's key."""
     config = run.config
     key = reference_key(run, tokenizer, params)
-    ref_params = build.reference_params(params, config.model.reference_dtype)
+    ref_params = (build.reference_params(params, config.model.reference_dtype) if run.lora_base is None
+                  else lora.reference_params(params))
     pair_logps = make_pair_logps(run.graphdef, config.train.logprob_chunk_size)
     forward = jax.jit(lambda p, batch: pair_logps(p, batch, "reference"), out_shardings=sharding.replicated(run.mesh))
     layout = dataclasses.replace(run.data.layout, completion_only=True)

@@ -167,6 +167,18 @@ def _spec_of(path: str, rules: Sequence[Rule]) -> tuple[int, P] | None:
     return None
 
 
+ADAPTER_LEAF = re.compile(r"/(lora/lora_a|lora/lora_b|kernel_scale)$")  # dpo_jax/lora.py's leaves beside a kernel
+
+
+def _adapter_spec(leaf: str, kernel: P, ndim: int) -> P:
+    """The spec of one layer's leaf of rank `ndim` beside a kernel sharded as `kernel`: a LoRA factor takes the
+    kernel's sharding on the dimension they share (A [in, r] the input's, B [r, out] the output's), the rank
+    replicated; int8 scales [out] the output's, NF4 scales [in/block, out] the kernel's."""
+    inputs, outputs = (tuple(kernel) + (None, None))[:2]
+    return {"lora/lora_a": P(inputs, None), "lora/lora_b": P(None, outputs)}.get(
+        leaf, P(inputs, outputs) if ndim >= 2 else P(outputs))
+
+
 def partition_specs(tree: Any, family: str) -> Any:
     """The PartitionSpec of every leaf of `tree` (params, a TrainState, or their abstract forms) by `family`'s rules.
 
@@ -178,13 +190,20 @@ def partition_specs(tree: Any, family: str) -> Any:
     if family not in PARTITION_RULES:
         raise ValueError(f"no partition rules for model family {family!r}; families: {sorted(PARTITION_RULES)}")
     rules = PARTITION_RULES[family]
-    used, unmatched = set(), []
+    used, unmatched, adapted = set(), [], []
 
     def spec(keypath, leaf):
         if np.ndim(leaf) == 0:
             return REPLICATED
         path = path_string(keypath)
         found = _spec_of(path, rules)
+        adapter = ADAPTER_LEAF.search(path)
+        if adapter:  # a LoRA factor or a quantised kernel's scales: from its kernel's rule
+            found, kernel = None, _spec_of(path[: adapter.start()] + "/kernel", rules)
+            if kernel is not None:
+                adapted.append(path)
+                layer_ndim = np.ndim(leaf) - models.is_stacked_path(path, family)
+                found = kernel[0], _adapter_spec(adapter.group(1), kernel[1], layer_ndim)
         if found is None:
             unmatched.append(path)
             return REPLICATED
@@ -196,7 +215,7 @@ def partition_specs(tree: Any, family: str) -> Any:
         raise ValueError(f"sharding: no partition rule of family {family!r} matches {', '.join(unmatched[:5])}"
                          f"{' ...' if len(unmatched) > 5 else ''}; add one to PARTITION_RULES in sharding.py")
     unused = [rule.pattern for i, rule in enumerate(rules) if i not in used and not rule.optional]
-    if unused and jax.tree.leaves(tree):
+    if unused and jax.tree.leaves(tree) and not adapted:  # LoRA's adapters alone hold no embedding, no norm
         raise ValueError(f"sharding: the partition rule(s) {unused} of family {family!r} match no parameter; "
                          "fix the pattern in PARTITION_RULES in sharding.py")
     return specs

@@ -70,6 +70,7 @@ def config_from_section(section: Any, vocab_size: int) -> Any:
     fields.pop("path", None)
     fields.pop("config_path", None)  # a config.json the dry run sizes instead (build.model_config_of)
     fields.pop("reference_dtype", None)  # how π_ref is stored, not the architecture
+    fields.pop("lora", None)  # adapters on the model (dpo_jax/lora.py), not its architecture
     return config_from_dict({**fields, "vocab_size": vocab_size})
 
 
