@@ -22,7 +22,8 @@ from conftest import HF_FIXTURES
 from dpo_jax import data, logprobs, models, step
 from dpo_jax.models import layers
 
-NEW = ["qwen3", "gemma2", "gemma3", "phi3", "gemma3_multimodal"]  # the last: Gemma 3's image-text checkpoint
+NEW = ["qwen3", "gemma2", "gemma3", "phi3", "gemma3_multimodal", "qwen3_yarn"]  # gemma3_multimodal: Gemma 3's
+# image-text checkpoint; qwen3_yarn: YaRN rope scaling
 LAYOUTS = {"plain": data.Layout(), "completion_only": data.Layout(completion_only=True),
            "shared_prompt": data.Layout("shared_prompt")}
 TOLERANCE = 1e-4
@@ -114,9 +115,8 @@ def edit_config(name, tmp_path, edit):
     ("phi3", lambda c: c.update(rope_parameters={
         "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
         "original_max_position_embeddings": 32}), r"rope_type 'longrope' is not supported"),
-    ("qwen3", lambda c: c["rope_parameters"].update(rope_type="yarn", factor=4.0,
-                                                    original_max_position_embeddings=32),
-     r"rope_type 'yarn' is not supported"),
+    ("qwen3_yarn", lambda c: c["rope_parameters"].update(mscale=0.7, mscale_all_dim=0.7),
+     r"yarn with mscale=0.7, mscale_all_dim=0.7 is not supported"),
     ("gemma3", lambda c: c["rope_parameters"]["sliding_attention"].update(rope_type="dynamic", factor=2.0),
      r"rope_type 'dynamic' is not supported"),
     ("gemma3", lambda c: c.update(use_bidirectional_attention=True), r"use_bidirectional_attention=True is not"),
@@ -276,3 +276,24 @@ def test_the_text_part_of_a_gemma3_image_text_checkpoint_loads_and_exports_as_ge
         np.testing.assert_array_equal(array, stored["language_model." + name], err_msg=name)
     _, reloaded, reloaded_config = models.load_hf(str(tmp_path / "text"))
     assert reloaded_config == config
+
+
+def test_yarn_blends_the_frequencies_and_scales_cos_and_sin():
+    """YaRN (qwen3_yarn: factor 4 over an original context of 4096): the fastest dims kept, the slowest divided by
+    4, a linear ramp between (transformers' formula by hand), and cos/sin × (0.1·ln 4 + 1), without which the
+    logits are far from transformers'."""
+    graphdef, params, config = models.load_hf(os.path.join(HF_FIXTURES, "qwen3_yarn"))
+    scaling = config.rope_scaling
+    assert (scaling.rope_type, scaling.factor, scaling.original_max_position_embeddings) == ("yarn", 4.0, 4096)
+    base = layers.rotary_inv_freq(16, 10000.0)
+    # correction dims: 16·ln(4096 / (2π·32)) / (2 ln 1e4) = 2.4 -> 2, and for 1 rotation 5.6 -> 6
+    ramp = np.clip((np.arange(8) - 2) / (6 - 2), 0, 1)
+    np.testing.assert_allclose(layers.rotary_inv_freq(16, 10000.0, scaling), base * (1 - ramp) + base / 4 * ramp,
+                               rtol=1e-6)
+    assert layers.rotary_attention_factor(scaling) == pytest.approx(0.1 * np.log(4) + 1)
+    unscaled, _ = models.abstract_model(dataclasses.replace(
+        config, rope_scaling=dataclasses.replace(scaling, attention_factor=1.0)))
+    with np.load(os.path.join(HF_FIXTURES, "qwen3_yarn", "golden.npz")) as golden:
+        tokens, expected = golden["tokens"], golden["logits"]
+    hidden, logits_fn = models.apply_model(unscaled, params, tokens)
+    assert float(np.abs(np.asarray(logits_fn(hidden)) - expected).max()) > 100 * TOLERANCE

@@ -103,6 +103,7 @@ def test_logits_match_transformers(name):
     ("llama3", "rope_scaling"), ("mistral", "sliding_window"), ("qwen3", "sliding_window"), ("phi3", "sliding_window"),
     ("gemma2", "attn_logit_softcap"), ("gemma2", "final_logit_softcap"), ("gemma2", "sliding_window"),
     ("gemma3", "sliding_rope_theta"), ("gemma3", "rope_scaling"), ("gemma3", "layer_types"),
+    ("qwen3_yarn", "rope_scaling"),
 ])
 def test_the_golden_logits_exercise_the_feature(name, field):
     """Without Llama-3 rope scaling, a window, a soft-cap, Gemma 3's local rotary base, its global scaling or its
@@ -247,10 +248,11 @@ def test_every_mismatch_is_an_error_that_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no model.safetensors or model.safetensors.index.json \(found: \['pytorch_model.bin'\]\)"):
         load_hf(str(no_weights))
 
-    yarn = copy_fixture("llama", tmp_path / "yarn")
-    edit_config(yarn, lambda c: c["rope_parameters"].update(rope_type="yarn", factor=4.0))
-    with pytest.raises(ValueError, match=r"config.json: rope_type 'yarn' is not supported; supported: default, linear, llama3"):
-        load_hf(str(yarn))
+    dynamic = copy_fixture("llama", tmp_path / "dynamic")
+    edit_config(dynamic, lambda c: c["rope_parameters"].update(rope_type="dynamic", factor=4.0))
+    with pytest.raises(ValueError, match=r"config.json: rope_type 'dynamic' is not supported; supported: default, linear, "
+                                         r"llama3, yarn"):
+        load_hf(str(dynamic))
 
     tied_gptj = copy_fixture("gptj", tmp_path / "tied_gptj")
     edit_config(tied_gptj, lambda c: c.update(tie_word_embeddings=True))

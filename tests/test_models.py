@@ -105,7 +105,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="activation"):
         tiny_model(activation="gelu_fancy")
     with pytest.raises(ValueError, match="rope_type"):
-        tiny_model(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+        tiny_model(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from dpo_jax.models.layers import REMAT_MODES, ROPE_TYPES, RopeScaling
+from dpo_jax.models.layers import REMAT_MODES, ROPE_TYPE_FIELDS, ROPE_TYPES, RopeScaling
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SCAN_LAYERS_FROM = 8  # scan_layers=None (auto) stacks the blocks into one scan from this many layers on
@@ -148,14 +148,21 @@ def rope_from_params(rope_parameters: dict | None, max_position_embeddings: int)
     rope_type = params.get("rope_type", params.get("type", "default"))
     scaling = None
     if rope_type in ROPE_TYPES:
+        original = int(params.get("original_max_position_embeddings") or max_position_embeddings)
+        if rope_type == "yarn" and (params.get("mscale") or params.get("mscale_all_dim")):
+            raise ValueError(f"config.json: yarn with mscale={params.get('mscale')!r}, mscale_all_dim="
+                             f"{params.get('mscale_all_dim')!r} is not supported (only attention_factor)")
+        attention_factor = params.get("attention_factor")
         scaling = RopeScaling(
             rope_type,
-            factor=float(params["factor"]),
+            factor=float(params["factor"] if params.get("factor") is not None else max_position_embeddings / original),
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(
-                params.get("original_max_position_embeddings", max_position_embeddings)
-            ),
+            original_max_position_embeddings=original,
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            attention_factor=None if attention_factor is None else float(attention_factor),
+            truncate=bool(params.get("truncate", True)),
         )
     elif rope_type != "default":
         raise ValueError(
@@ -167,8 +174,10 @@ def rope_from_params(rope_parameters: dict | None, max_position_embeddings: int)
 def rope_to_hf(theta: float, scaling: Any, partial_rotary_factor: float | None = None) -> dict:
     """The `rope_parameters` dict of config.json (transformers 5's form) for our rotary settings."""
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
-    if scaling is not None:
-        params.update(dataclasses.asdict(scaling))
+    if scaling is not None:  # the keys its type reads (transformers warns about others)
+        fields = dataclasses.asdict(scaling)
+        params.update({"rope_type": scaling.rope_type, **{key: fields[key] for key in ROPE_TYPE_FIELDS[
+            scaling.rope_type] if fields[key] is not None}})
     if partial_rotary_factor is not None:
         params["partial_rotary_factor"] = partial_rotary_factor
     return params

@@ -147,17 +147,18 @@ class GemmaAttention(nnx.Module):
 
     def __call__(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None,
-        inv_freq_R: jax.Array,
+        inv_freq_R: jax.Array, rotary_scale: jax.Array,
     ) -> tuple[jax.Array, layers.LayerCache | None]:
-        """Attend over the row (or the cache) under `mask`; returns ([B, T, D], the updated cache)."""
+        """Attend over the row (or the cache) under `mask`, rotating by this layer's `inv_freq_R` and cos/sin factor
+        `rotary_scale`; returns ([B, T, D], the updated cache)."""
         config = self.config
         B, T, _ = x_BxTxD.shape
         H, G, K = config.num_heads, config.num_kv_heads, config.head_dim
         q_BxTxHxK, k_BxTxGxK = self.q_proj(x_BxTxD).reshape(B, T, H, K), self.k_proj(x_BxTxD).reshape(B, T, G, K)
         if config.qk_norm:
             q_BxTxHxK, k_BxTxGxK = self.q_norm(q_BxTxHxK), self.k_norm(k_BxTxGxK)
-        q_BxTxHxK = layers.apply_rotary(q_BxTxHxK, positions_BxT, inv_freq_R)
-        k_BxTxGxK = layers.apply_rotary(k_BxTxGxK, positions_BxT, inv_freq_R)
+        q_BxTxHxK = layers.apply_rotary(q_BxTxHxK, positions_BxT, inv_freq_R, scale=rotary_scale)
+        k_BxTxGxK = layers.apply_rotary(k_BxTxGxK, positions_BxT, inv_freq_R, scale=rotary_scale)
         v_BxTxGxK = self.v_proj(x_BxTxD).reshape(B, T, G, K)
         k_BxSxGxK, v_BxSxGxK, cache = layers.cache_kv(cache, k_BxTxGxK, v_BxTxGxK, positions_BxT)
         out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS,
@@ -180,11 +181,11 @@ class GemmaDecoderLayer(nnx.Module):
 
     def __call__(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array, cache: layers.LayerCache | None,
-        inv_freq_R: jax.Array,
+        inv_freq_R: jax.Array, rotary_scale: jax.Array,
     ) -> tuple[jax.Array, layers.LayerCache | None]:
         """One sandwich-norm residual block; returns ([B, T, D], the updated cache)."""
         attn_BxTxD, cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, mask_Bx1xTxS, cache,
-                                           inv_freq_R)
+                                           inv_freq_R, rotary_scale)
         x_BxTxD = x_BxTxD + self.post_attention_layernorm(attn_BxTxD)
         return x_BxTxD + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BxTxD))), cache
 
@@ -212,8 +213,8 @@ class Gemma(Decoder):
         return self.config.layer_window(index)
 
     def layer_inputs(self, index: int) -> tuple[np.ndarray, ...]:
-        """(inverse rotary frequencies [head_dim / 2],) of layer `index`'s type."""
-        return (layers.rotary_inv_freq(self.config.head_dim, *self.config.layer_rope(index)),)
+        """(inverse rotary frequencies [head_dim / 2], cos/sin factor) of layer `index`'s type."""
+        return layers.per_layer_rotary(self.config.head_dim, *self.config.layer_rope(index))
 
     def kv_heads(self) -> tuple[int, int]:
         """(num_kv_heads, head_dim)."""

@@ -90,8 +90,9 @@ class GPTNeoXAttention(nnx.Module):
         qkv_BxTxHx3K = self.query_key_value(x_BxTxD).reshape(B, T, H, 3 * K)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_BxTxHx3K, 3, axis=-1)
         inv_freq_R = layers.rotary_inv_freq(config.rotary_dim, config.rope_theta, config.rope_scaling)
-        q_BxTxHxK = layers.apply_rotary(q_BxTxHxK, positions_BxT, inv_freq_R)
-        k_BxTxHxK = layers.apply_rotary(k_BxTxHxK, positions_BxT, inv_freq_R)
+        scale = layers.rotary_attention_factor(config.rope_scaling)  # 1.0 but for YaRN
+        q_BxTxHxK = layers.apply_rotary(q_BxTxHxK, positions_BxT, inv_freq_R, scale=scale)
+        k_BxTxHxK = layers.apply_rotary(k_BxTxHxK, positions_BxT, inv_freq_R, scale=scale)
         k_BxSxHxK, v_BxSxHxK, cache = layers.cache_kv(cache, k_BxTxHxK, v_BxTxHxK, positions_BxT)
         out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS, scale=K**-0.5)
         return self.dense(out_BxTxHxK.reshape(B, T, D)), cache

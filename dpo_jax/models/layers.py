@@ -87,24 +87,48 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-ROPE_TYPES = ("linear", "llama3")
+ROPE_TYPES = ("linear", "llama3", "yarn")
+# The rope_parameters keys each scaling type reads (and writes back to config.json).
+ROPE_TYPE_FIELDS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "truncate"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Rescaled rotary frequencies, with Hugging Face's `rope_parameters` names: "linear" or Llama-3's "llama3"."""
+    """Rescaled rotary frequencies, with Hugging Face's `rope_parameters` names: "linear", Llama-3's "llama3", or
+    YaRN's "yarn" (Qwen3's long-context setting: frequencies blended between interpolated and original by a ramp
+    over [beta_fast, beta_slow] rotations, and cos/sin scaled by `attention_factor`, default 0.1·ln(factor) + 1)."""
 
     rope_type: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    truncate: bool = True
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         if not self.factor > 0 or not self.high_freq_factor > self.low_freq_factor > 0:
             raise ValueError(f"rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0, got {self}")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(f"rope_scaling.attention_factor must be None or > 0, got {self.attention_factor!r}")
+
+
+def rotary_attention_factor(scaling: RopeScaling | None) -> float:
+    """The factor on cos and sin (so on each rotated q and k) of a rope scaling: YaRN's attention_factor (default
+    0.1·ln(factor) + 1, transformers' yarn_get_mscale), 1.0 for every other kind."""
+    if scaling is None or scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return float(scaling.attention_factor)
+    return 1.0 if scaling.factor <= 1 else 0.1 * math.log(scaling.factor) + 1.0
 
 
 def rotary_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -114,6 +138,8 @@ def rotary_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None =
         return inv_freq_R
     if scaling.rope_type == "linear":
         return (inv_freq_R / scaling.factor).astype(np.float32)
+    if scaling.rope_type == "yarn":
+        return _yarn_inv_freq(rotary_dim, theta, scaling)
     # llama3: keep short wavelengths, divide long ones by `factor`, interpolate smoothly in between.
     context = scaling.original_max_position_embeddings
     wavelength_R = 2 * math.pi / inv_freq_R
@@ -124,16 +150,46 @@ def rotary_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None =
     return np.where(medium_R, smoothed_R, divided_R).astype(np.float32)
 
 
+def _yarn_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """YaRN's inverse frequencies, as transformers' `_compute_yarn_parameters` (float32): extrapolated (original)
+    for dims rotating more than beta_fast times over the original context, interpolated (÷ factor) below beta_slow
+    rotations, a linear ramp between."""
+    context = scaling.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return rotary_dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs_R = (theta ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim)).astype(np.float32)
+    ramp_R = np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolation_R = (1 - ramp_R).astype(np.float32)
+    inv_freq_R = (1.0 / (scaling.factor * pos_freqs_R)) * (1 - extrapolation_R) + (1.0 / pos_freqs_R) * extrapolation_R
+    return inv_freq_R.astype(np.float32)
+
+
 def per_layer_inv_freq(rotary_dim: int, ropes: list[tuple[float, RopeScaling | None]]) -> np.ndarray:
     """float32 [L, R]: layer i's inverse frequencies from its (theta, scaling), e.g. Gemma 3's local base on sliding
     layers and its global base (and scaling) on full ones. A scanned stack takes row i as block i's rotary."""
     return np.stack([rotary_inv_freq(rotary_dim, theta, scaling) for theta, scaling in ropes])
 
 
+def per_layer_rotary(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> tuple[np.ndarray, np.ndarray]:
+    """(inverse frequencies [R], attention factor float32 scalar) of one layer's rotary: what a block takes as its
+    layer inputs when layers rotate differently (Gemma 3), stacked over layers by a scan."""
+    return rotary_inv_freq(rotary_dim, theta, scaling), np.float32(rotary_attention_factor(scaling))
+
+
 def apply_rotary(
-    x_BxTxHxK: jax.Array, positions_BxT: jax.Array, inv_freq_R: np.ndarray, *, interleaved: bool = False
+    x_BxTxHxK: jax.Array, positions_BxT: jax.Array, inv_freq_R: np.ndarray, *, interleaved: bool = False,
+    scale: float | jax.Array = 1.0,
 ) -> jax.Array:
     """Rotate the first 2R dims of each head by position · inv_freq, in float32; the other K − 2R pass through.
+    `scale` multiplies cos and sin (YaRN's attention factor, `rotary_attention_factor`).
 
     Pair i is (i, i + R) in the half-split layout of Llama and GPT-NeoX ("rotate_half"), (2i, 2i + 1) in GPT-J's
     interleaved one ("rotate_every_two").
@@ -141,6 +197,8 @@ def apply_rotary(
     rotary_dim = 2 * len(inv_freq_R)
     angles_BxTx1xR = (positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_R))[:, :, None, :]
     sin, cos = jnp.sin(angles_BxTx1xR), jnp.cos(angles_BxTx1xR)
+    if not (isinstance(scale, (int, float)) and scale == 1.0):
+        sin, cos = sin * scale, cos * scale
     rot_BxTxHx2R = x_BxTxHxK[..., :rotary_dim].astype(jnp.float32)
     if interleaved:
         x1_BxTxHxR, x2_BxTxHxR = rot_BxTxHx2R[..., 0::2], rot_BxTxHx2R[..., 1::2]

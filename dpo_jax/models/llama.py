@@ -33,7 +33,7 @@ class LlamaConfig:
     head_dim: int
     intermediate_size: int
     rope_theta: float = 10000.0
-    rope_scaling: layers.RopeScaling | None = None  # Llama 3.1+: {"rope_type": "llama3", "factor": 8.0, ...}
+    rope_scaling: layers.RopeScaling | None = None  # Llama 3.1+: {"rope_type": "llama3", "factor": 8.0, ...}; yarn
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
     qkv_bias: bool = False  # biases on q_proj, k_proj, v_proj (Qwen2; Llama's attention_bias)
@@ -111,8 +111,9 @@ class LlamaAttention(nnx.Module):
         q_BxTxHxK, k_BxTxGxK = self.q_proj(x_BxTxD).reshape(B, T, H, K), self.k_proj(x_BxTxD).reshape(B, T, G, K)
         if config.qk_norm:
             q_BxTxHxK, k_BxTxGxK = self.q_norm(q_BxTxHxK), self.k_norm(k_BxTxGxK)
-        q_BxTxHxK = layers.apply_rotary(q_BxTxHxK, positions_BxT, inv_freq_R)
-        k_BxTxGxK = layers.apply_rotary(k_BxTxGxK, positions_BxT, inv_freq_R)
+        scale = layers.rotary_attention_factor(config.rope_scaling)  # 1.0 but for YaRN
+        q_BxTxHxK = layers.apply_rotary(q_BxTxHxK, positions_BxT, inv_freq_R, scale=scale)
+        k_BxTxGxK = layers.apply_rotary(k_BxTxGxK, positions_BxT, inv_freq_R, scale=scale)
         v_BxTxGxK = self.v_proj(x_BxTxD).reshape(B, T, G, K)
         k_BxSxGxK, v_BxSxGxK, cache = layers.cache_kv(cache, k_BxTxGxK, v_BxTxGxK, positions_BxT)
         out_BxTxHxK = layers.attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale=K**-0.5)
