@@ -20,6 +20,7 @@ from flax import nnx
 from dpo_jax import config as config_lib
 from dpo_jax import data, lora, losses, models, reference_cache, rewards, sharding
 from dpo_jax.optimizer import make_optimizer
+from dpo_jax.perplexity import PerplexityCheck
 from dpo_jax.sample_eval import SampleEvaluator
 from dpo_jax.sampling import SamplingSettings
 from dpo_jax.step import ReferenceSync, StepShardings, TrainState, make_eval_step, make_loss_fn, make_train_step
@@ -272,6 +273,17 @@ def compile_stage(
     else:  # A copy: the step donates the state's buffers, and `params` may be π_ref's own.
         state = jax.jit(create_state, out_shardings=shardings.state)(jax.tree.map(jnp.copy, params), reference)
     return state, train_step, eval_step
+
+
+def make_perplexity(config: ml_collections.ConfigDict, graphdef: Any, tokenizer,
+                    mesh: jax.sharding.Mesh) -> PerplexityCheck | None:
+    """The forgetting check of eval.perplexity_path (None without one): its text in windows of data.max_length."""
+    if not config.eval.perplexity_path:
+        return None
+    tokens, mask = data.text_windows(config.eval.perplexity_path, tokenizer, config.data.max_length,
+                                     config.eval.perplexity_windows)
+    return PerplexityCheck(graphdef, tokens, mask, batch_size=config.train.eval_batch_size,
+                           chunk_size=config.train.logprob_chunk_size, mesh=mesh)
 
 
 def make_evaluator(config: ml_collections.ConfigDict, graphdef: Any, run_data: RunData, tokenizer,

@@ -191,6 +191,11 @@ def base_config() -> ml_collections.ConfigDict:
             # 'task' (the same, required), 'hf:PATH[#LABEL]' (a sequence classifier / reward model checkpoint),
             # or 'python:module:function' (texts -> scores). See dpo_jax/rewards.py.
             reward="",
+            # The forgetting check (docs/tracking.md): a UTF-8 text file whose perplexity under the policy and under
+            # π_ref is logged at each evaluation (eval/perplexity/...), in windows of data.max_length tokens, at most
+            # perplexity_windows of them (0: all). '' : none.
+            perplexity_path="",
+            perplexity_windows=32,
         )
     )
     return config
@@ -494,6 +499,10 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
            "eval.stop", "a list of non-empty strings", config.eval.stop)
     _wrapped(f"config.eval.reward = {config.eval.reward!r}", rewards.check_reward_spec, config.eval.reward,
              config.data.source)
+    _check(isinstance(config.eval.perplexity_path, str) and (not config.eval.perplexity_path
+                                                            or os.path.isfile(config.eval.perplexity_path)),
+           "eval.perplexity_path", "an existing text file ('' for none)", config.eval.perplexity_path)
+    _positive_int(config, "eval.perplexity_windows", allow_zero=True)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -29,6 +29,7 @@ from dpo_jax.hooks import (
     Checkpointer, Evaluation, Hooks, MetricsLogger, NonFiniteSteps, Preemption, StepInfo, evaluate_pairs,
 )
 from dpo_jax.metrics_writer import MetricsWriter, NullWriter, plot_training_curves
+from dpo_jax.perplexity import PerplexityCheck
 from dpo_jax.sample_eval import SampleEvaluator
 from dpo_jax.step import make_pair_logps
 
@@ -49,6 +50,7 @@ class RunContext:
     signals: PreemptionSignals
     evaluator: SampleEvaluator | None = None  # samples at each evaluation (None: data.num_eval_prompts = 0)
     lora_base: dict | None = None  # with LoRA: the base's path and fingerprint (checkpoints record it)
+    perplexity: PerplexityCheck | None = None  # eval.perplexity_path's check at each evaluation
 
     @property
     def family(self) -> str:
@@ -134,6 +136,12 @@ def _stage_evaluation(run: RunContext, stage: str, eval_step, ref_params: Any, l
             sample_means, records = run.evaluator(params, reference)
             metrics.update({f"samples/{name}": value for name, value in sample_means.items()})
             run.writer.write_samples(stage, step, records)
+        if run.perplexity is not None:  # the forgetting check: the held-out text under the policy and π_ref
+            policy, reference = state.params, ref_params if stage == "dpo" else None
+            if run.lora_base is not None:  # the adapted model, and the base (π_ref) without the adapters
+                policy, reference = lora.combine(ref_params, state.params), lora.combine(
+                    ref_params, lora.adapters_off(state.params))
+            metrics.update(run.perplexity(policy, reference))
         return metrics
 
     return evaluate
@@ -213,6 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with user_errors(f"config.eval.reward = {config.eval.reward!r}"):
             evaluator = build.make_evaluator(config, graphdef, run_data, tokenizer, mesh)
         run = RunContext(config, workdir, mesh, graphdef, model_config, run_data, writer, signals, evaluator, lora_base)
+        with user_errors(f"config.eval.perplexity_path = {config.eval.perplexity_path!r}"):
+            run.perplexity = build.make_perplexity(config, graphdef, tokenizer, mesh)
         summary: dict[str, Any] = {
             "config": config.to_dict(),
             "data": {split: {k: v for k, v in e.report.items() if k != "skipped_examples"}
