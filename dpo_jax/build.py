@@ -44,7 +44,8 @@ class RunData:
 
 def stages_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The stages the config's mode trains, in order (precompute_ref prepares the DPO stage's reference)."""
-    return {"sft": ("sft",), "dpo": ("dpo",), "sft_then_dpo": ("sft", "dpo"), "precompute_ref": ("dpo",)}[config.mode]
+    return {"sft": ("sft",), "dpo": ("dpo",), "sft_then_dpo": ("sft", "dpo"), "precompute_ref": ("dpo",),
+            "iterative_dpo": ("dpo",)}[config.mode]
 
 
 def stage_loss(config: ml_collections.ConfigDict, stage: str) -> str:

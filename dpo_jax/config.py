@@ -15,7 +15,7 @@ import ml_collections
 from dpo_jax import data, lora, losses, metrics_writer, models, rewards, sharding
 from dpo_jax.errors import UserError
 
-MODES = ("sft", "dpo", "sft_then_dpo", "precompute_ref")
+MODES = ("sft", "dpo", "sft_then_dpo", "precompute_ref", "iterative_dpo")
 LOGPROBS = ("completion_only", "all_positions")
 OPTIMIZERS = ("rmsprop", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -198,6 +198,32 @@ def base_config() -> ml_collections.ConfigDict:
             perplexity_windows=32,
         )
     )
+    # mode = iterative_dpo (docs/iterative.md): `rounds` rounds of sampling from the current policy, scoring, pairing
+    # and a DPO stage of `steps_per_round` steps on the new pairs (dpo_jax/iterative.py).
+    config.iterative = ml_collections.ConfigDict(
+        dict(
+            rounds=3,
+            prompts_per_round=64,  # train prompts sampled from in a round (train.batch_size and 1 step: online DPO)
+            samples_per_prompt=4,
+            steps_per_round=50,
+            temperature=1.0,  # the rounds' sampling (eval.* stays the evaluation's); max_new_tokens, stop: eval's
+            top_p=1.0,
+            top_k=0,
+            reward="",  # an eval.reward spec scoring the samples ('' : the source's ground truth), unless `judge`
+            judge="",  # 'llm': a pairwise LLM judge (judges.py, verdicts cached) ranks each prompt's samples
+            judge_url="https://api.openai.com/v1/chat/completions",
+            judge_model="gpt-4",
+            judge_task="tldr",  # the paper's judging prompt: tldr or hh
+            judge_api_key_env="OPENAI_API_KEY",
+            judge_max_retries=6,
+            pairs="best_vs_worst",  # or all_pairs (every two samples of a prompt)
+            margin=0.0,  # keep a pair only if its score difference is >= margin (ties are always dropped)
+            reference="fixed",  # π_ref of each round: fixed (the initial model) or previous (last round's policy)
+            optimizer="carry",  # carry: one optimizer and schedule through the rounds; reset: a fresh one per round
+            eval_every=1,  # rounds between evaluations on the eval prompts (reward, KL to the initial model)
+            keep_round_checkpoints=False,  # False: a round's checkpoints are deleted once the next one is done
+        )
+    )
     return config
 
 
@@ -259,6 +285,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_stages(config)
     _validate_train(config)
     _validate_eval(config)
+    _validate_iterative(config)
 
 
 def _wrapped(key: str, check, *args) -> None:
@@ -435,9 +462,10 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
         config.dpo.reference_workdir,
     )
     _check(
-        not config.dpo.reference_workdir or config.mode in ("dpo", "precompute_ref"),
+        not config.dpo.reference_workdir or config.mode in ("dpo", "precompute_ref", "iterative_dpo"),
         "dpo.reference_workdir",
-        f"'' unless config.mode = 'dpo' or 'precompute_ref' (it is {config.mode!r}, which never reads it)",
+        f"'' unless config.mode = 'dpo' or 'precompute_ref' (it is {config.mode!r}, which never reads it; "
+        "'iterative_dpo' reads it too)",
         config.dpo.reference_workdir,
     )
     _check(isinstance(config.ref.cache, str), "ref.cache", "a directory path string ('' for none)", config.ref.cache)
@@ -503,6 +531,45 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
                                                             or os.path.isfile(config.eval.perplexity_path)),
            "eval.perplexity_path", "an existing text file ('' for none)", config.eval.perplexity_path)
     _positive_int(config, "eval.perplexity_windows", allow_zero=True)
+
+
+def _validate_iterative(config: ml_collections.ConfigDict) -> None:
+    """The iterative section (read with mode = iterative_dpo): its counts, sampling, scorer, pairing and reference."""
+    if config.mode != "iterative_dpo":
+        return
+    section, inf = config.iterative, float("inf")
+    for key in ("rounds", "prompts_per_round", "steps_per_round", "eval_every", "judge_max_retries"):
+        _positive_int(config, f"iterative.{key}", allow_zero=key == "judge_max_retries")
+    _positive_int(config, "iterative.samples_per_prompt")
+    _check(section.samples_per_prompt >= 2, "iterative.samples_per_prompt", "an integer >= 2 (a pair needs two "
+           "samples of a prompt)", section.samples_per_prompt)
+    _number(config, "iterative.temperature", 0, inf, low_open=True)
+    _number(config, "iterative.top_p", 0, 1, low_open=True)
+    _positive_int(config, "iterative.top_k", allow_zero=True)
+    _choice(config, "iterative.pairs", ("best_vs_worst", "all_pairs"))
+    _number(config, "iterative.margin", 0, inf)
+    _choice(config, "iterative.reference", ("fixed", "previous"))
+    _choice(config, "iterative.optimizer", ("carry", "reset"))
+    _choice(config, "iterative.keep_round_checkpoints", (True, False))
+    _choice(config, "iterative.judge", ("", "llm"))
+    if section.judge == "llm":
+        _choice(config, "iterative.judge_task", ("tldr", "hh"))
+        for key in ("judge_url", "judge_model", "judge_api_key_env"):
+            _check(isinstance(section[key], str) and bool(section[key]), f"iterative.{key}", "a non-empty string",
+                   section[key])
+    else:
+        _wrapped(f"config.iterative.reward = {section.reward!r}", rewards.check_reward_spec, section.reward,
+                 config.data.source)
+        _check(bool(section.reward) or data.ground_truth_reward_fn(config.data.source) is not None,
+               "iterative.reward", f"a reward spec ({rewards.FORMS}) or iterative.judge = 'llm': data.source = "
+               f"{config.data.source!r} has no ground-truth reward to score samples with", section.reward)
+    _check(section.optimizer == "reset" or config.optimizer.schedule == "constant", "iterative.optimizer",
+           "'reset' with optimizer.schedule = 'cosine' (a carried schedule is the constant one after warmup)",
+           section.optimizer)
+    _check(not config.ref.cache, "ref.cache", "'' with config.mode = 'iterative_dpo' (each round's pairs are new; "
+           "π_ref runs in every step)", config.ref.cache)
+    _check(not config.model.lora.enabled, "model.lora.enabled", "False with config.mode = 'iterative_dpo'",
+           config.model.lora.enabled)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

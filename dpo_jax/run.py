@@ -21,7 +21,7 @@ import ml_collections
 from absl import logging
 from tqdm.auto import tqdm
 
-from dpo_jax import build, checkpoint, data, lora, losses, models, reference_cache, sharding
+from dpo_jax import build, checkpoint, data, iterative, lora, losses, models, reference_cache, sharding
 from dpo_jax import config as config_lib
 from dpo_jax.errors import user_errors
 from dpo_jax.guards import PreemptionSignals, WorkdirLock
@@ -59,10 +59,11 @@ class RunContext:
 
 def train_stage(
     run: RunContext, stage: str, params: Any, ref_params: Any, evaluate_start: bool = False,
-    donate_params: bool = False,
+    donate_params: bool = False, initial_state: Any = None,
 ) -> tuple[Any, dict[str, float], dict[str, float]]:
     """Run (or resume) one stage, 'sft' or 'dpo', to its last step (`donate_params`: the stage takes `params`'
-    buffers over; no copy of them stays in device memory).
+    buffers over; no copy of them stays in device memory; `initial_state(state)`: the state to start from instead,
+    e.g. an iterative round's carried optimizer; the stage's own checkpoint still comes first).
 
     Returns (final params, eval metrics of the initial params if `evaluate_start` else {}, final eval metrics).
     """
@@ -74,6 +75,8 @@ def train_stage(
         ref_params = None
     state, train_step, eval_step = build.compile_stage(
         config, stage, run.graphdef, run.family, run.mesh, params, ref_params, donate_params)
+    if initial_state is not None:
+        state = initial_state(state)
     batches = build.train_batches(config, stage, run.data, loss_name)
     evaluate = _stage_evaluation(run, stage, eval_step, ref_params, loss_name)
     # The state starts from `params`; for DPO these are π_ref's, so its step-0 samples are π_ref's.
@@ -250,6 +253,8 @@ def _run_stages(run: RunContext, params: Any, tokenizer) -> dict[str, Any]:
         run.signals.stop(f"sft step {config.sft.num_steps}, the end of the stage (saved)")
     else:
         params = _dpo_start_params(run, params)
+    if config.mode == "iterative_dpo":  # rounds of sampling, scoring and a DPO stage (iterative.py)
+        return iterative.run_rounds(run, params, tokenizer, train_stage)
     if config.mode == "precompute_ref":
         started = time.perf_counter()
         key = build_reference_cache(run, tokenizer, params)
