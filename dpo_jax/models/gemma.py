@@ -99,7 +99,7 @@ class GemmaConfig:
         resolve_scan_layers(self)
 
     def layer_type(self, index: int) -> str:
-        """"sliding_attention" or "full_attention"."""
+        """Layer `index`'s type: "sliding_attention" or "full_attention"."""
         return "full_attention" if self.layer_types is None else self.layer_types[index]
 
     def layer_window(self, index: int) -> int | None:
