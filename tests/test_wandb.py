@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 import pytest
 
@@ -28,8 +29,19 @@ def offline(monkeypatch):
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
 
 
-def offline_records(workdir):
-    """(run id, Record protos) of every offline run W&B wrote in `workdir`, oldest first."""
+def offline_records(workdir, timeout=60.0):
+    """(run id, Record protos) of every offline run W&B wrote in `workdir`, oldest first, once each holds its exit
+    record (W&B's service process may still be writing the file when `finish` has returned)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _read_offline_runs(workdir)
+        complete = all(any(r.WhichOneof("record_type") == "exit" for r in records) for _, records in runs)
+        if (runs and complete) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def _read_offline_runs(workdir):
     runs = []
     for path in sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))):
         with open(path, "rb") as f:
