@@ -35,11 +35,11 @@ def golden_pair(name):
         return example, golden["pair_logps"]
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name, scan_layers", [(name, False) for name in NEW] + [("gemma3", True)])
 def test_pair_log_probs_equal_transformers_in_every_layout(name, scan_layers):
     """Σ log π(chosen | prompt) and Σ log π(rejected | prompt), each layout's batch (shared-prompt rows: rejected
-    after chosen, on its own branch), within 1e-4 of transformers; chunk size 3 splits the completions."""
+    after chosen, on its own branch), within 1e-4 of transformers; chunk size 3 splits the completions. Scanned:
+    Gemma 3, whose layers differ by type (scanned = unrolled for every family is test_scan_layers')."""
     graphdef, params, _ = models.load_hf(os.path.join(HF_FIXTURES, name), scan_layers=scan_layers)
     example, expected = golden_pair(name)
     pair_logps = jax.jit(step.make_pair_logps(graphdef, chunk_size=3))
@@ -48,6 +48,12 @@ def test_pair_log_probs_equal_transformers_in_every_layout(name, scan_layers):
         (chosen, rejected), _ = pair_logps(params, batch)
         np.testing.assert_allclose([float(chosen[0]), float(rejected[0])], expected, rtol=0, atol=TOLERANCE,
                                    err_msg=layout_name)
+    # Packed: the pair twice in one row, each copy its own segment with positions from 0.
+    packed = data.collate([example, example], (128,), 0, layout=data.Layout("packed"))
+    assert packed.rows.tokens_BxT.shape[0] == 1
+    (chosen, rejected), _ = pair_logps(params, packed)
+    np.testing.assert_allclose(np.stack([chosen, rejected], axis=1), [expected, expected], rtol=0, atol=TOLERANCE,
+                               err_msg="packed")
 
 
 def test_final_soft_cap_is_applied_per_chunk_by_the_logits_fn():
