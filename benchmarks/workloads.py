@@ -2,6 +2,7 @@
 layout's rows is padding.
 
     python -m benchmarks.workloads [--pairs 512] [--batch_size 8] [--json PATH]
+    python -m benchmarks.workloads --time [--workload tldr] [--steps 12] [--batch_size 8]
 
 Two length distributions, drawn with a fixed seed (token ids are random: only the shapes matter for speed):
 - `tldr`: TL;DR-like. Prompt tokens from a log-normal with median 250 (σ 0.35), clipped to [40, 450]; chosen and
@@ -22,11 +23,14 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
-from dpo_jax import data
+from benchmarks.step_time import MODELS, matmul_gflops
+from dpo_jax import build, config as config_lib, data, models, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +91,13 @@ def padding(name: str, layout: data.Layout, epoch: Sequence[Sequence[dict]]) -> 
     padded = real = head_positions = scored = 0
     for examples in epoch:
         batch = data.collate(examples, buckets, 0, layout=layout)
-        rows = [batch.rows] if isinstance(batch, data.SharedPromptBatch) else [batch.chosen, batch.rejected]
+        rows = [batch.chosen, batch.rejected] if isinstance(batch, data.PairedBatch) else [batch.rows]
         for r in rows:
             padded += r.tokens_BxT.size
             head_positions += r.tokens_BxT.shape[0] * (r.tokens_BxT.shape[1] - 1)
         completions = sum(len(e["chosen"]) + len(e["rejected"]) for e in examples)
         prompts = sum(len(e["prompt"]) for e in examples)
-        real += completions + prompts * (1 if layout.pack == "shared_prompt" else 2)
+        real += completions + prompts * (2 if layout.pack == "none" else 1)
         scored += completions
     return {"padded_tokens": padded, "real_tokens": real, "padding_fraction": 1 - real / padded,
             "unscored_head_fraction": None if layout.completion_only else 1 - scored / head_positions}
@@ -101,7 +105,8 @@ def padding(name: str, layout: data.Layout, epoch: Sequence[Sequence[dict]]) -> 
 
 LAYOUTS = {
     "plain (a row per completion)": data.Layout(),
-    "shared prompt": data.Layout("shared_prompt", completion_only=True),
+    "shared prompt": data.Layout("shared_prompt"),
+    "packed": data.Layout("packed"),
 }
 
 
@@ -119,13 +124,76 @@ def report(pairs: int, batch_size: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def time_layouts(name: str, steps: int, batch_size: int, seed: int = 0) -> list[dict]:
+    """Seconds per step of each layout over the same `steps` batches of workload `name` (module docstring)."""
+    fields = dict(MODELS["small"])
+    vocab_size = fields.pop("vocab_size")
+    lengths = pair_lengths(name, steps * batch_size, seed)
+    epoch = batches(encoded_pairs(lengths, vocab_size, seed), batch_size, seed)
+    results = []
+    for layout_name, layout in LAYOUTS.items():
+        config = config_lib.base_config()
+        config.mode = "dpo"
+        config.model.update(fields)
+        config.optimizer.name = "adamw"
+        config.data.max_length = WORKLOADS[name].max_length
+        config.train.update(batch_size=batch_size, pack=layout.pack,
+                            logprobs="completion_only" if layout.completion_only else "all_positions")
+        mesh = sharding.make_mesh(config.mesh)
+        buckets = build.buckets_of(config)
+        collated = [data.collate(examples, buckets, 0, layout=build.layout_of(config)) for examples in epoch]
+        model_config = models.config_from_section(config.model, vocab_size=vocab_size)
+        graphdef, params = models.split_params(models.model_from_config(model_config, models.nnx.Rngs(0)))
+        ref_params = jax.tree.map(lambda x: x.copy(), params)
+        state, train_step, _ = build.compile_stage(config, "dpo", graphdef, "llama", mesh, params, ref_params)
+        shapes = {}
+        for batch in collated:  # compile (and run once) each distinct shape
+            key = tuple(x.shape for x in jax.tree.leaves(batch))
+            if key not in shapes:
+                shapes[key] = True
+                state, metrics = train_step(state, ref_params, sharding.global_batch(batch, mesh))
+        jax.block_until_ready(metrics)
+        started = time.perf_counter()
+        for examples in epoch:
+            batch = data.collate(examples, buckets, 0, layout=build.layout_of(config))
+            state, metrics = train_step(state, ref_params, sharding.global_batch(batch, mesh))
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - started) / len(epoch)
+        real = int(lengths.sum())
+        results.append({"workload": name, "layout": layout_name, "seconds_per_step": seconds,
+                        "pairs_per_second": batch_size / seconds, "tokens_per_second": real / len(epoch) / seconds,
+                        "shapes_compiled": len(shapes), **padding(name, layout, epoch)})
+        print(f"  {name} / {layout_name}: {seconds:.2f} s/step", file=sys.stderr, flush=True)
+    shared = next(r for r in results if r["layout"] == "shared prompt")
+    for r in results:
+        r["speedup_vs_shared_prompt"] = r["pairs_per_second"] / shared["pairs_per_second"]
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--time", action="store_true", help="train each layout and report its speed")
+    parser.add_argument("--workload", default="tldr", choices=list(WORKLOADS), help="with --time")
+    parser.add_argument("--steps", type=int, default=12, help="with --time: timed steps (batches)")
     args = parser.parse_args(argv)
+    if args.time:
+        peak = matmul_gflops()
+        rows = time_layouts(args.workload, args.steps, args.batch_size, args.seed)
+        print(f"float32 matmul peak {peak:.1f} GFLOP/s; {args.steps} batches of {args.batch_size} pairs\n")
+        print("| workload | layout | s/step | pairs/s | real tokens/s | padding | vs shared prompt |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['workload']} | {r['layout']} | {r['seconds_per_step']:.2f} | {r['pairs_per_second']:.2f} | "
+                  f"{r['tokens_per_second']:.0f} | {100 * r['padding_fraction']:.1f}% | "
+                  f"{r['speedup_vs_shared_prompt']:.2f}× |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"matmul_peak_gflops": peak, "rows": rows}, f, indent=2)
+        return 0
     rows = report(args.pairs, args.batch_size, args.seed)
     print(f"{args.pairs} pairs, batches of {args.batch_size}, seed {args.seed}\n")
     print("| workload | layout | prompt median / max | completion median / max | row tokens | padding | "

@@ -201,8 +201,12 @@ def buckets_of(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def layout_of(config: ml_collections.ConfigDict) -> data.Layout:
-    """How the config's batches lay out pairs: train.pack, and train.logprobs = completion_only."""
-    return data.Layout(config.train.pack, completion_only=config.train.logprobs == "completion_only")
+    """How the config's batches lay out pairs: train.pack, train.logprobs = completion_only, and for packed rows
+    their count a multiple of this process's data-parallel devices (so the rows split evenly over them)."""
+    data_parallel, fsdp, _ = sharding.mesh_shape(config.mesh, jax.device_count())
+    row_multiple = max(1, data_parallel * fsdp // jax.process_count())
+    return data.Layout(config.train.pack, completion_only=config.train.logprobs == "completion_only",
+                       row_multiple=row_multiple if config.train.pack == "packed" else 1)
 
 
 def examples_for(loss_name: str, examples: data.Examples, source: str = "the data") -> data.Examples:

@@ -158,8 +158,9 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every=100,
             keep_checkpoints=2,
             logprob_chunk_size=128,  # positions per logits chunk: bounds [B, chunk, V] memory
-            # shared_prompt: a row [prompt | chosen | rejected] per pair, the prompt run once; none: a row per
-            # completion. completion_only: the LM head runs at completion tokens only; all_positions: everywhere.
+            # shared_prompt: a row [prompt | chosen | rejected] per pair, the prompt run once; packed: several such
+            # pairs in each row of 2 · max_length tokens (no padding between them); none: a row per completion.
+            # completion_only: the LM head runs at completion tokens only; all_positions: everywhere.
             pack="shared_prompt",
             logprobs="completion_only",
             progress_bar=True,
@@ -408,16 +409,16 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     _choice(config, "data.strict", (True, False))
     _choice(config, "train.pack", data.PACKS)
     _choice(config, "train.logprobs", LOGPROBS)
-    _check(config.train.pack != "shared_prompt" or config.train.logprobs == "completion_only", "train.logprobs",
-           "'completion_only' with train.pack = 'shared_prompt' (rejected's first token is scored from the "
+    _check(config.train.pack == "none" or config.train.logprobs == "completion_only", "train.logprobs",
+           f"'completion_only' with train.pack = {config.train.pack!r} (rejected's first token is scored from the "
            "prompt's last position, which only the completion-only block expresses)", config.train.logprobs)
     buckets = config.data.length_buckets
-    longest = config.data.max_length * (2 if config.train.pack == "shared_prompt" else 1)
+    longest = config.data.max_length * (1 if config.train.pack == "none" else 2)
     _check(
         isinstance(buckets, (tuple, list)) and all(isinstance(b, int) and 0 < b <= longest for b in buckets),
         "data.length_buckets",
-        f"a tuple of row lengths in [1, {longest}] (data.max_length, twice that for train.pack = 'shared_prompt'; "
-        "or () for the default)",
+        f"a tuple of row lengths in [1, {longest}] (data.max_length, twice that for train.pack = 'shared_prompt' "
+        "or 'packed'; or () for the default)",
         buckets,
     )
     _positive_int(config, "data.num_threads")
@@ -506,6 +507,9 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
         f"a divisor of train.batch_size ({config.train.batch_size})",
         config.train.grad_accum_steps,
     )
+    _check(config.train.grad_accum_steps == 1 or config.train.pack != "packed", "train.grad_accum_steps",
+           "1 with train.pack = 'packed' (a micro-batch splits rows and pairs apart, and a packed row holds pairs of "
+           "several micro-batches; use 'shared_prompt' to accumulate gradients)", config.train.grad_accum_steps)
     for key, size in (("train.batch_size", "num_train_pairs"), ("train.eval_batch_size", "num_eval_pairs")):
         if not config.data[size]:  # all of the source: checked against the examples it yields
             continue

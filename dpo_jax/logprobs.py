@@ -87,6 +87,30 @@ def slot_sums(
     return sums_BxK, member_BxNxK.sum(axis=1).astype(jnp.float32)
 
 
+def sequence_sums(
+    logprobs_BxN: jax.Array, slots_BxN: jax.Array, num_sequences: int, prefix_lengths_S: jax.Array | None = None,
+    tail_weight: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """(Σ log-probs of each sequence [S], its token count [S]) for blocks whose entry n of row b belongs to sequence
+    slots[b, n] of the whole batch (0 ≤ slot < S, −1 none), each sequence's entries contiguous in one row: packed
+    rows. Linear in the block (segment sums), however many sequences share a row. With `prefix_lengths_S`, a
+    sequence's tokens past its prefix length weigh `tail_weight` (LD-DPO)."""
+    slots_M = slots_BxN.reshape(-1)
+    valid_M = slots_M >= 0
+    ids_M = jnp.where(valid_M, slots_M, num_sequences)  # the block's padding goes to a bucket that is dropped
+    segments = num_sequences + 1
+    counts_S = jax.ops.segment_sum(valid_M.astype(jnp.float32), ids_M, segments)[:num_sequences]
+    contributions_M = jnp.where(valid_M, logprobs_BxN.reshape(-1), 0.0)
+    if prefix_lengths_S is not None:
+        entry_M = jnp.arange(slots_M.shape[0])
+        first_S = jax.ops.segment_min(jnp.where(valid_M, entry_M, slots_M.shape[0]), ids_M, segments)
+        index_M = entry_M - first_S[ids_M]
+        prefix_M = jnp.concatenate([prefix_lengths_S, jnp.zeros((1,), prefix_lengths_S.dtype)])[ids_M]
+        contributions_M = contributions_M * jnp.where(index_M < prefix_M, 1.0, tail_weight)
+    sums_S = jax.ops.segment_sum(contributions_M, ids_M, segments)[:num_sequences]
+    return sums_S, counts_S
+
+
 def token_kl(
     hidden_BxTxD: jax.Array,
     logits_fn: LogitsFn,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from dpo_jax import data, losses
-from dpo_jax.logprobs import gathered_logprobs, sequence_logprobs, slot_sums
+from dpo_jax.logprobs import gathered_logprobs, sequence_logprobs, sequence_sums, slot_sums
 from dpo_jax.models import apply_model
 
 Metrics = dict[str, jax.Array]
@@ -83,16 +83,21 @@ def _completion_lengths(rows: data.Rows, num_slots: int) -> jax.Array:
 def make_sequence_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """`sequence_logps(params, rows, num_slots=1, scope="policy", prefix_lengths_BxK=None, tail_weight=1.0) ->
     (Σ log-probs [B, K], lengths [B, K])` of the K completions in each of `rows` (a data.Rows), from one forward:
-    scored at every position (`loss_mask_BxT`) or at the completion-only block's positions alone. Tokens past
-    `prefix_lengths_BxK` weigh `tail_weight` in the sums (LD-DPO)."""
+    scored at every position (`loss_mask_BxT`) or at the completion-only block's positions alone. Packed rows
+    (with segment ids) number the K completions across the batch: [1, K]. Tokens past `prefix_lengths_BxK` weigh
+    `tail_weight` in the sums (LD-DPO)."""
 
     def sequence_logps(params, rows: data.Rows, num_slots: int = 1, scope: str = "policy",
                        prefix_lengths_BxK=None, tail_weight: float = 1.0):
         with jax.named_scope(scope):
-            hidden, logits_fn = apply_model(graphdef, params, rows.tokens_BxT, rows.positions_BxT, None,
-                                            rows.branch_ids_BxT)
+            hidden, logits_fn = apply_model(graphdef, params, rows.tokens_BxT, rows.positions_BxT,
+                                            rows.segment_ids_BxT, rows.branch_ids_BxT)
             if rows.completion_only:  # the LM head at the scored positions alone
                 logps_BxN = gathered_logprobs(hidden, logits_fn, rows.sources_BxN, rows.targets_BxN, chunk_size)
+                if rows.segment_ids_BxT is not None:  # packed rows: the slots number the batch's sequences
+                    prefix_K = None if prefix_lengths_BxK is None else prefix_lengths_BxK[0]
+                    sums_K, lengths_K = sequence_sums(logps_BxN, rows.slots_BxN, num_slots, prefix_K, tail_weight)
+                    return sums_K[None], lengths_K[None]
                 return slot_sums(logps_BxN, rows.slots_BxN, num_slots, prefix_lengths_BxK, tail_weight)
             prefix_B = None if prefix_lengths_BxK is None else prefix_lengths_BxK[:, 0]
             sums_B, lengths_B = sequence_logprobs(hidden, logits_fn, rows.tokens_BxT, rows.loss_mask_BxT, chunk_size,
@@ -104,13 +109,24 @@ def make_sequence_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[j
 
 def make_pair_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[list, list]]:
     """`pair_logps(params, batch, scope="policy", ld_alpha=1.0) -> ([Σ log-probs chosen, rejected] [B], [their
-    lengths] [B])` of a paired batch from one forward: its chosen and rejected rows stacked (PairedBatch), or its
-    shared-prompt rows scoring both completions (SharedPromptBatch). With `ld_alpha` ≠ 1, each completion's tokens
-    past the pair's shared length (losses.ld_shared_lengths) weigh `ld_alpha` (LD-DPO)."""
+    lengths] [B])` of a paired batch from one forward: its chosen and rejected rows stacked (PairedBatch), its
+    shared-prompt rows scoring both completions (SharedPromptBatch), or its rows of packed pairs (PackedBatch).
+    With `ld_alpha` ≠ 1, each completion's tokens past the pair's shared length (losses.ld_shared_lengths) weigh
+    `ld_alpha` (LD-DPO)."""
     sequence_logps = make_sequence_logps(graphdef, chunk_size)
 
-    def pair_logps(params, batch: data.PairedBatch | data.SharedPromptBatch, scope: str = "policy",
-                   ld_alpha: float = 1.0):
+    def pair_logps(params, batch: data.PairedBatch | data.SharedPromptBatch | data.PackedBatch,
+                   scope: str = "policy", ld_alpha: float = 1.0):
+        if isinstance(batch, data.PackedBatch):  # slot p: pair p's chosen, P + p its rejected, in whichever row
+            P, rows = batch.pair_ids.shape[0], batch.rows
+            prefix_2P = None
+            if ld_alpha != 1.0:
+                lengths_2P = sequence_sums(jnp.zeros(rows.slots_BxN.shape), rows.slots_BxN, 2 * P)[1]
+                shared_P = losses.ld_shared_lengths(lengths_2P[:P], lengths_2P[P:])
+                prefix_2P = jnp.concatenate([shared_P, shared_P])
+            prefix_1x2P = None if prefix_2P is None else prefix_2P[None]
+            sums_1x2P, lengths_1x2P = sequence_logps(params, rows, 2 * P, scope, prefix_1x2P, ld_alpha)
+            return [sums_1x2P[0, :P], sums_1x2P[0, P:]], [lengths_1x2P[0, :P], lengths_1x2P[0, P:]]
         if isinstance(batch, data.SharedPromptBatch):
             prefix_Bx2 = None
             if ld_alpha != 1.0:
@@ -120,7 +136,7 @@ def make_pair_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[list,
             sums_Bx2, lengths_Bx2 = sequence_logps(params, batch.rows, 2, scope, prefix_Bx2, ld_alpha)
             return [sums_Bx2[:, 0], sums_Bx2[:, 1]], [lengths_Bx2[:, 0], lengths_Bx2[:, 1]]
         if not isinstance(batch, data.PairedBatch):
-            raise TypeError(f"pair_logps takes a data.PairedBatch or data.SharedPromptBatch, got "
+            raise TypeError(f"pair_logps takes a data.PairedBatch, data.SharedPromptBatch or data.PackedBatch, got "
                             f"{type(batch).__name__}")
         prefix_2Bx1 = None
         if ld_alpha != 1.0:
@@ -236,6 +252,9 @@ def make_train_step(
             (_, (metrics, running)), grads = grad_fn(params, ref_params, micro_batch, running)
             return (jax.tree.map(jnp.add, totals, (grads, metrics)), running), None
 
+        if isinstance(batch, data.PackedBatch):
+            raise ValueError("grad_accum_steps > 1 cannot split a data.PackedBatch (a row holds pairs of several "
+                             "micro-batches); use shared-prompt rows")
         micro_batches = _split_micro_batches(batch, grad_accum_steps)
         first = jax.tree.map(lambda x: x[0], micro_batches)
         (_, (metrics_shape, _)), grads_shape = jax.eval_shape(grad_fn, params, ref_params, first, loss_state)

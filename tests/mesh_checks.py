@@ -62,6 +62,25 @@ def steps(out_dir: str) -> None:
         }
         np.savez(os.path.join(out_dir, f"{name}.npz"), losses=np.asarray(losses),
                  **{path: np.asarray(leaf) for path, leaf in flat(state.params).items()})
+    # Packed rows (several pairs each, padded to a multiple of the 8 data-parallel devices) on the data8 mesh.
+    packed = make_short_config()
+    packed.mode, packed.train.pack = "dpo", "packed"
+    packed.mesh.update(data=8, fsdp=1, tensor=1)
+    layout = build.layout_of(packed)
+    packed_batches = data.TrainBatches(run_data.train, batch_size=packed.train.batch_size, seed=0,
+                                       buckets=build.buckets_of(packed), pad_id=run_data.pad_id, layout=layout)
+    mesh = build.make_mesh(packed)
+    graphdef, params, _ = build.build_model(packed, tokenizer, mesh)
+    ref_params = build.reference_params(params, "float32")
+    state, train_step, _ = build.compile_stage(packed, "dpo", graphdef, "llama", mesh, params, ref_params)
+    losses = []
+    for step in range(3):
+        batch = packed_batches.batch_at(step)
+        assert batch.rows.tokens_BxT.shape[0] % 8 == 0 and batch.rows.tokens_BxT.shape[0] < packed.train.batch_size
+        state, metrics = train_step(state, ref_params, sharding.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    np.savez(os.path.join(out_dir, "packed_data8.npz"), losses=np.asarray(losses),
+             **{path: np.asarray(leaf) for path, leaf in flat(state.params).items()})
     uneven = make_short_config()
     uneven.train.eval_batch_size = 12  # 8 devices split no batch of 12 rows
     try:

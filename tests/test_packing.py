@@ -8,10 +8,12 @@ import pytest
 from flax import nnx
 
 from dpo_jax import data, losses, models, step
+from dpo_jax.data import pipeline
 
 VOCAB = 61
 PLAIN = data.Layout()
-LAYOUTS = {"completion_only": data.Layout(completion_only=True), "shared_prompt": data.Layout("shared_prompt")}
+LAYOUTS = {"completion_only": data.Layout(completion_only=True), "shared_prompt": data.Layout("shared_prompt"),
+           "packed": data.Layout("packed")}
 FAMILIES = {  # rotary positions, a sliding window over positions, learned positions
     "llama": dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64),
     "mistral": dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
@@ -130,3 +132,40 @@ def test_length_buckets_for_shared_rows_reach_twice_max_length():
     assert data.length_buckets(64, (100, 200), pack="shared_prompt") == (100, 128)
     with pytest.raises(ValueError, match="pack must be one of"):
         data.Layout("interleaved")
+
+
+def test_packed_rows_hold_several_pairs_each_its_own_segment():
+    pairs = [{"prompt": np.array(p, np.int32), "chosen": np.array(c, np.int32), "rejected": np.array(r, np.int32)}
+             for p, c, r in (([5, 6], [7], [8, 9]), ([10, 11, 12], [13, 14], [15]), ([16], [17], [18]))]
+    # Pair lengths 5, 6, 3 in rows of 12: first-fit decreasing puts pair 1 (6), then 0 (5) in row 0; pair 2 (3) does
+    # not fit the 1 token left, so row 1.
+    assert data.pack_pairs([5, 6, 3], 12) == [[0, 1], [2]]
+    batch = data.collate(pairs, (12,), pad_id=0, layout=data.Layout("packed"))
+    assert isinstance(batch, data.PackedBatch) and batch.pair_ids.tolist() == [0, 1, 2]
+    rows = batch.rows
+    assert rows.tokens_BxT.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0], [16, 17, 18] + [0] * 9]
+    assert rows.segment_ids_BxT.tolist() == [[0] * 5 + [1] * 6 + [-1], [0] * 3 + [-1] * 9]
+    assert rows.positions_BxT.tolist()[0] == [0, 1, 2, 2, 3, 0, 1, 2, 3, 4, 3, 0]  # restart per pair
+    assert rows.branch_ids_BxT.tolist()[0] == [0, 0, 1, 2, 2, 0, 0, 0, 1, 1, 2, 3]
+    # Slot p: pair p's chosen, 3 + p its rejected; first tokens predicted from the pair's prompt end.
+    assert rows.slots_BxN.tolist()[0] == [0, 3, 3, 1, 1, 4, -1, -1]
+    assert rows.targets_BxN.tolist()[0][:6] == [7, 8, 9, 13, 14, 15]
+    assert rows.sources_BxN.tolist()[0][:6] == [1, 1, 3, 7, 8, 7]
+    assert rows.slots_BxN.tolist()[1][:2] == [2, 5]
+    # Rows padded to a multiple (the process's data-parallel devices) with empty rows.
+    padded = data.collate(pairs, (12,), pad_id=0, layout=data.Layout("packed", row_multiple=4)).rows
+    assert padded.tokens_BxT.shape == (4, 12) and (padded.segment_ids_BxT[2:] == -1).all()
+    assert (padded.slots_BxN[2:] == -1).all()
+
+
+def test_packing_is_deterministic_and_shares_shapes_across_processes():
+    examples = random_pairs(n=8, seed=9)
+    layout = data.Layout("packed")
+    buckets = data.length_buckets(20, pack="packed")
+    first, again = (data.collate(examples, buckets, 0, layout=layout) for _ in range(2))
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    shares = [pipeline._collate_share(examples, buckets, 0, slice(i, None, 2), layout) for i in range(2)]
+    assert shares[0].rows.tokens_BxT.shape == shares[1].rows.tokens_BxT.shape
+    assert shares[0].rows.slots_BxN.shape == shares[1].rows.slots_BxN.shape
+    assert first.rows.tokens_BxT.shape[0] < len(examples)  # several pairs to a row

@@ -100,7 +100,7 @@ def test_sharded_steps_equal_one_device_and_arrays_are_sharded_as_the_rules_say(
     with open(tmp_path / "shardings.json") as f:
         found = json.load(f)
     one = np.load(tmp_path / "one_device.npz")
-    for name in ("data8", "fsdp8", "data2_fsdp2_tensor2"):
+    for name in ("data8", "fsdp8", "data2_fsdp2_tensor2", "packed_data8"):  # packed: the same pairs, packed rows
         other = np.load(tmp_path / f"{name}.npz")
         np.testing.assert_allclose(other["losses"], one["losses"], atol=1e-5, rtol=0)
         for key in one.files:

@@ -12,8 +12,8 @@ step through Grain.
 from __future__ import annotations
 
 from dpo_jax.data.batch import (
-    PACKS, PAIRED_BATCHES, Batch, Layout, PairedBatch, Rows, SharedPromptBatch, UnpairedBatch,
-    collate, with_reference_logps,
+    PACKS, PAIRED_BATCHES, Batch, Layout, PackedBatch, PairedBatch, Rows, SharedPromptBatch, UnpairedBatch,
+    collate, pack_pairs, with_reference_logps,
 )
 from dpo_jax.data.held_out_text import text_windows
 from dpo_jax.data.hub import is_hub_source
@@ -34,8 +34,9 @@ def source_names() -> list[str]:
 __all__ = [
     "PACKS", "PAIRED_BATCHES", "PAIRED_FIELDS", "REASONS", "SOURCES", "TFDS_SOURCES",
     "TRUNCATION_MODES", "UNPAIRED_FIELDS", "WORDS", "BadRecord", "Batch", "Examples", "HFTokenizer", "Layout",
-    "PairedBatch", "Rows", "SharedPromptBatch", "TrainBatches", "UnpairedBatch", "WordTokenizer",
+    "PackedBatch", "PairedBatch", "Rows", "SharedPromptBatch", "TrainBatches", "UnpairedBatch", "WordTokenizer",
     "check_mixture", "check_source_spec", "check_tokenizer_name", "check_truncation_args", "collate", "concatenate",
+    "pack_pairs",
     "is_hub_source", "text_windows", "encode_prompts", "encode_record", "eval_batches",
     "get_tokenizer", "ground_truth_reward", "ground_truth_reward_fn", "length_buckets", "load_split",
     "make_preference_pairs", "make_prompts", "scan", "source_names", "split_pairs", "tokenizer_names", "truncate",

@@ -5,7 +5,12 @@ Three batch types, one per layout (`Layout`; the same tokenised examples either 
 - `SharedPromptBatch` (`pack = "shared_prompt"`): a row per pair, `[prompt | chosen | rejected]`: rejected's
   positions continue from the prompt's end and branch ids keep chosen and rejected from seeing each other, so the
   prompt is run once.
-- `UnpairedBatch` (unpaired data, KTO; either pack): `completion` rows, their `label`, and `kl` rows pairing
+- `PackedBatch` (`pack = "packed"`): several shared-prompt pairs per row of fixed length (first-fit decreasing,
+  deterministic), each pair its own segment (it attends only within itself) with positions from 0; the rows' block
+  lists pair p's chosen tokens under slot p and its rejected ones under slot P + p, so the P pairs of the batch
+  come out in order whatever row they sit in. Rows are padded to a multiple of `Layout.row_multiple` (the
+  data-parallel devices of a process) with empty rows.
+- `UnpairedBatch` (unpaired data, KTO; any pack): `completion` rows, their `label`, and `kl` rows pairing
   prompt i with completion i + 1 (mod B), the mismatched pairs KTO's reference point is estimated on.
 With `completion_only` (always for shared rows) each row also lists its scored tokens in a block of N entries, N
 the smallest power of two that fits the global batch: the token (`targets_BxN`), the position whose hidden state
@@ -27,7 +32,7 @@ import jax
 import numpy as np
 from flax import struct
 
-PACKS: tuple[str, ...] = ("none", "shared_prompt")
+PACKS: tuple[str, ...] = ("none", "shared_prompt", "packed")
 REFERENCE_KEYS: tuple[str, str] = ("reference_chosen", "reference_rejected")  # in encoded examples and batches
 Array = Union[np.ndarray, jax.Array]
 
@@ -36,12 +41,14 @@ Array = Union[np.ndarray, jax.Array]
 class Rows:
     """Right-padded token rows [B, T] and how to score them: `loss_mask_BxT` (1 at completion tokens, scored at every
     position), or the completion-only block (`targets_BxN`, `sources_BxN`, `slots_BxN`); shared-prompt rows add
-    `positions_BxT` and `branch_ids_BxT` (0 prompt, 1 chosen, 2 rejected, 3 padding). Unused fields are None."""
+    `positions_BxT` and `branch_ids_BxT` (0 prompt, 1 chosen, 2 rejected, 3 padding); packed rows also
+    `segment_ids_BxT` (a pair's index within its row, −1 padding). Unused fields are None."""
 
     tokens_BxT: Array
     loss_mask_BxT: Array | None = None
     positions_BxT: Array | None = None
     branch_ids_BxT: Array | None = None
+    segment_ids_BxT: Array | None = None
     targets_BxN: Array | None = None
     sources_BxN: Array | None = None
     slots_BxN: Array | None = None
@@ -76,6 +83,19 @@ class SharedPromptBatch:
 
 
 @struct.dataclass(kw_only=True)
+class PackedBatch:
+    """Pairs packed several to a row (`rows`: slot p of the block pair p's chosen, slot P + p its rejected),
+    `pair_ids` [P] (0..P−1: the batch's pair axis, which the pair arrays share), π_ref's cached log-probs [P] when
+    the run uses a reference cache, and `weight` [P] in evaluation batches."""
+
+    rows: Rows
+    pair_ids: Array
+    reference_chosen: Array | None = None
+    reference_rejected: Array | None = None
+    weight: Array | None = None
+
+
+@struct.dataclass(kw_only=True)
 class UnpairedBatch:
     """Unpaired examples (KTO): `completion` rows, `label` [B] (1.0 desirable), the mismatched `kl` rows, and
     `weight` [B] in evaluation batches."""
@@ -86,8 +106,8 @@ class UnpairedBatch:
     weight: Array | None = None
 
 
-Batch = Union[PairedBatch, SharedPromptBatch, UnpairedBatch]
-PAIRED_BATCHES = (PairedBatch, SharedPromptBatch)
+Batch = Union[PairedBatch, SharedPromptBatch, PackedBatch, UnpairedBatch]
+PAIRED_BATCHES = (PairedBatch, SharedPromptBatch, PackedBatch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,16 +117,24 @@ class Layout:
 
     pack: str = "none"
     completion_only: bool = False
+    row_multiple: int = 1  # packed rows: their count is a multiple of this (the process's data-parallel devices)
 
     def __post_init__(self):
         if self.pack not in PACKS:
             raise ValueError(f"pack must be one of {PACKS}, got {self.pack!r}")
-        if self.pack == "shared_prompt":
+        if self.pack in ("shared_prompt", "packed"):
             object.__setattr__(self, "completion_only", True)
+        if self.row_multiple < 1:
+            raise ValueError(f"row_multiple must be >= 1, got {self.row_multiple}")
 
     def shares_prompt(self, examples: Sequence[dict]) -> bool:
-        """Whether these examples get shared-prompt rows (paired ones only: unpaired rows have one completion)."""
-        return self.pack == "shared_prompt" and "chosen" in examples[0]
+        """Whether these examples get shared-prompt rows, one pair or several to a row (paired ones only: unpaired
+        rows have one completion)."""
+        return self.pack in ("shared_prompt", "packed") and "chosen" in examples[0]
+
+    def packs(self, examples: Sequence[dict]) -> bool:
+        """Whether these examples are packed several pairs to a row."""
+        return self.pack == "packed" and "chosen" in examples[0]
 
 
 def with_reference_logps(encoded: Sequence[dict], chosen: Sequence[float], rejected: Sequence[float]) -> list[dict]:
@@ -155,10 +183,49 @@ def _scored_count(examples: Sequence[dict], layout: Layout) -> int:
     return max(len(e[key]) for e in examples for key in keys)
 
 
+def pack_pairs(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of pairs of `lengths` tokens ([prompt | chosen | rejected]) in rows of
+    `capacity` tokens, longest pairs placed first, ties in index order, each row's pairs in index order."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > capacity:
+            raise ValueError(f"a pair of {lengths[i]} tokens is longer than the packed row length {capacity}")
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    return [sorted(r) for r in rows]
+
+
+def _pair_length(e: dict) -> int:
+    return len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"])
+
+
+def _packed_layout(examples: Sequence[dict], length: int, layout: Layout) -> tuple[list[list[int]], int]:
+    """(each row's pair indices, the rows' count: the bins padded to a multiple of layout.row_multiple)."""
+    rows = pack_pairs([_pair_length(e) for e in examples], length)
+    return rows, -(-len(rows) // layout.row_multiple) * layout.row_multiple
+
+
 def padded_shape(examples: Sequence[dict], buckets: Sequence[int], layout: Layout) -> tuple[int, int]:
     """(row length L, completion-only block size N) that `collate` pads these examples to: the smallest bucket that
-    holds the longest row, and the smallest block that holds the most scored tokens."""
+    holds the longest row, and the smallest block that holds the most scored tokens. Packed rows are the longest
+    bucket long, and their block holds the most scored tokens of a packed row."""
+    if layout.packs(examples):
+        length = max(buckets)
+        rows, _ = _packed_layout(examples, length, layout)
+        scored = max(sum(len(examples[i]["chosen"]) + len(examples[i]["rejected"]) for i in row) for row in rows)
+        return length, _block_size(scored)
     return bucket(_row_length(examples, layout), buckets), _block_size(_scored_count(examples, layout))
+
+
+def packed_row_count(examples: Sequence[dict], buckets: Sequence[int], layout: Layout) -> int:
+    """How many rows `collate` packs these paired examples into (a multiple of layout.row_multiple)."""
+    return _packed_layout(examples, max(buckets), layout)[1]
 
 
 def _rows(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], length: int, pad_id: int):
@@ -227,17 +294,50 @@ def _shared_prompt_rows(examples: Sequence[dict], length: int, block: int, pad_i
     return Rows(tokens_BxT=tokens, positions_BxT=positions, branch_ids_BxT=branch_ids, **scored)
 
 
+def _packed_rows(examples: Sequence[dict], length: int, block: int, pad_id: int, layout: Layout,
+                 num_rows: int | None) -> Rows:
+    """Rows of `length` tokens each holding several `[prompt | chosen | rejected]` pairs (`pack_pairs`), each pair
+    a segment with its own positions and branch ids; block slot p: pair p's chosen tokens, P + p its rejected ones.
+    `num_rows` (≥ the rows needed) pads with empty rows, so every process of a run has the same count."""
+    P = len(examples)
+    packing, needed = _packed_layout(examples, length, layout)
+    num_rows = num_rows or needed
+    if num_rows < needed:
+        raise ValueError(f"packed rows: these pairs need {needed} rows, asked for {num_rows}")
+    tokens = np.full((num_rows, length), pad_id, np.int32)
+    positions = np.zeros((num_rows, length), np.int32)
+    branch_ids, segment_ids = np.full((num_rows, length), 3, np.int32), np.full((num_rows, length), -1, np.int32)
+    scored = _empty_block(num_rows, block)
+    for row, pairs in enumerate(packing):
+        at = entry = 0
+        for segment, p in enumerate(pairs):
+            e = examples[p]
+            prompt, chosen, rejected = e["prompt"], e["chosen"], e["rejected"]
+            L_P, C, R = len(prompt), len(chosen), len(rejected)
+            end = at + L_P + C + R
+            tokens[row, at:end] = np.concatenate([prompt, chosen, rejected])
+            positions[row, at:end] = np.concatenate([np.arange(L_P + C), np.arange(L_P, L_P + R)])
+            branch_ids[row, at:end] = np.repeat([0, 1, 2], [L_P, C, R])
+            segment_ids[row, at:end] = segment
+            _fill(scored, row, entry, at + L_P - 1, at + L_P, chosen, p)
+            _fill(scored, row, entry + C, at + L_P - 1, at + L_P + C, rejected, P + p)
+            at, entry = end, entry + C + R
+    return Rows(tokens_BxT=tokens, positions_BxT=positions, branch_ids_BxT=branch_ids, segment_ids_BxT=segment_ids,
+                **scored)
+
+
 def collate(
     examples: Sequence[dict], buckets: Sequence[int], pad_id: int, length: int | None = None,
-    layout: Layout = Layout(), block: int | None = None,
+    layout: Layout = Layout(), block: int | None = None, num_rows: int | None = None,
 ) -> Batch:
     """The batch of encoded examples in `layout` (module docstring): rows right-padded to L, the smallest bucket that
-    fits (or `length`), and completion-only blocks of `block` entries (default: what these examples need). Unpaired
+    fits (or `length`), and completion-only blocks of `block` entries (default: what these examples need). Packed
+    rows are the longest bucket long (or `length`), `num_rows` of them (default: as many as the pairs need). Unpaired
     kl rows' completions are cut to L if longer."""
     if not examples:
         raise ValueError("collate: no examples")
-    length = length or bucket(_row_length(examples, layout), buckets)
-    block = block or _block_size(_scored_count(examples, layout))
+    default_length, default_block = padded_shape(examples, buckets, layout)
+    length, block = length or default_length, block or default_block
     if "chosen" not in examples[0]:
         prompts = [e["prompt"] for e in examples]
         completions = [e["completion"] for e in examples]
@@ -248,6 +348,9 @@ def collate(
         )
     reference = {name: np.asarray([e[name] for e in examples], np.float32)  # cached π_ref log-probs
                  for name in REFERENCE_KEYS if name in examples[0]}
+    if layout.packs(examples):
+        return PackedBatch(rows=_packed_rows(examples, length, block, pad_id, layout, num_rows),
+                           pair_ids=np.arange(len(examples), dtype=np.int32), **reference)
     if layout.shares_prompt(examples):
         return SharedPromptBatch(rows=_shared_prompt_rows(examples, length, block, pad_id), **reference)
     prompts = [e["prompt"] for e in examples]

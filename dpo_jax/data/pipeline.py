@@ -22,7 +22,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from dpo_jax.data.batch import Batch, Layout, collate, padded_shape
+from dpo_jax.data.batch import Batch, Layout, collate, packed_row_count, padded_shape
 from dpo_jax.data.records import BadRecord, is_paired
 from dpo_jax.data.tokenize import check_truncation_args, encode_record
 
@@ -118,19 +118,27 @@ def split_pairs(examples: Examples) -> Examples:
 def length_buckets(max_length: int, buckets: Sequence[int] = (), pack: str = "none") -> tuple[int, ...]:
     """The padded lengths batches use: `buckets` (ascending, capped) plus the longest row possible, max_length (a
     shared-prompt row holds two completions: 2 · max_length); by default max_length / 4, / 2 and max_length, and
-    for shared-prompt rows every multiple of max_length / 4 up to 2 · max_length (rounded up to multiples of 8)."""
+    for shared-prompt rows every multiple of max_length / 4 up to 2 · max_length (rounded up to multiples of 8).
+    Packed rows are the longest, 2 · max_length; the others serve unpaired rows, as for shared-prompt rows."""
     quarter = -(-max_length // (4 * 8)) * 8
-    longest = 2 * max_length if pack == "shared_prompt" else max_length
+    shared = pack in ("shared_prompt", "packed")
+    longest = 2 * max_length if shared else max_length
     if not buckets:
-        buckets = range(quarter, longest, quarter) if pack == "shared_prompt" else [quarter, -(-max_length // 16) * 8]
+        buckets = range(quarter, longest, quarter) if shared else [quarter, -(-max_length // 16) * 8]
     return tuple(sorted({b for b in buckets if 0 < b < longest} | {longest}))
 
 
 def _collate_share(global_examples: Sequence[dict], buckets, pad_id: int, share: slice, layout: Layout) -> Batch:
     """This process's `share` of a global batch, padded to the bucket and block of the whole global batch: every
-    process picks the same shapes without talking to the others."""
-    length, block = padded_shape(global_examples, buckets, layout)
-    return collate(global_examples[share], buckets, pad_id, length=length, layout=layout, block=block)
+    process picks the same shapes without talking to the others. Packed, each process packs its own pairs, and the
+    rows' count and block are the largest any process's share needs."""
+    if not layout.packs(global_examples):
+        length, block = padded_shape(global_examples, buckets, layout)
+        return collate(global_examples[share], buckets, pad_id, length=length, layout=layout, block=block)
+    shares = [global_examples[i::share.step or 1] for i in range(share.step or 1)]
+    block = max(padded_shape(s, buckets, layout)[1] for s in shares)
+    num_rows = max(packed_row_count(s, buckets, layout) for s in shares)
+    return collate(global_examples[share], buckets, pad_id, layout=layout, block=block, num_rows=num_rows)
 
 
 class TrainBatches:
