@@ -286,7 +286,7 @@ def make_perplexity(config: ml_collections.ConfigDict, graphdef: Any, tokenizer,
     if not config.eval.perplexity_path:
         return None
     tokens, mask = data.text_windows(config.eval.perplexity_path, tokenizer, config.data.max_length,
-                                     config.eval.perplexity_windows)
+                                     config.eval.perplexity_windows, config.data.hf_cache_dir)
     return PerplexityCheck(graphdef, tokens, mask, batch_size=config.train.eval_batch_size,
                            chunk_size=config.train.logprob_chunk_size, mesh=mesh)
 

@@ -192,9 +192,9 @@ def base_config() -> ml_collections.ConfigDict:
             # 'task' (the same, required), 'hf:PATH[#LABEL]' (a sequence classifier / reward model checkpoint),
             # or 'python:module:function' (texts -> scores). See dpo_jax/rewards.py.
             reward="",
-            # The forgetting check (docs/tracking.md): a UTF-8 text file whose perplexity under the policy and under
-            # π_ref is logged at each evaluation (eval/perplexity/...), in windows of data.max_length tokens, at most
-            # perplexity_windows of them (0: all). '' : none.
+            # The forgetting check (docs/tracking.md): a UTF-8 text file (or 'hf:ORG/NAME?split=..', its `text`
+            # column) whose perplexity under the policy and under π_ref is logged at each evaluation
+            # (eval/perplexity/...), in windows of data.max_length tokens, at most perplexity_windows of them (0: all).
             perplexity_path="",
             perplexity_windows=32,
         )
@@ -531,9 +531,11 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
            "eval.stop", "a list of non-empty strings", config.eval.stop)
     _wrapped(f"config.eval.reward = {config.eval.reward!r}", rewards.check_reward_spec, config.eval.reward,
              config.data.source)
-    _check(isinstance(config.eval.perplexity_path, str) and (not config.eval.perplexity_path
-                                                            or os.path.isfile(config.eval.perplexity_path)),
-           "eval.perplexity_path", "an existing text file ('' for none)", config.eval.perplexity_path)
+    path = config.eval.perplexity_path
+    _check(isinstance(path, str) and (not path or data.is_hub_source(path) or os.path.isfile(path)),
+           "eval.perplexity_path", "an existing text file, 'hf:ORG/NAME?split=..' (its text column) or ''", path)
+    if data.is_hub_source(path):
+        _wrapped(f"config.eval.perplexity_path = {path!r}", data.hub.parse_spec, path)
     _positive_int(config, "eval.perplexity_windows", allow_zero=True)
 
 

@@ -2,6 +2,8 @@
 and a run that logs it for the policy and π_ref at each evaluation."""
 
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,9 @@ from dpo_jax import build, data, models, run
 from dpo_jax import config as config_lib
 from dpo_jax.metrics_writer import read_metrics
 from dpo_jax.perplexity import PerplexityCheck, perplexity
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
+from make_hub_dataset import TEXTS, make_hub_cache  # noqa: E402
 
 WORDS = data.WORDS
 
@@ -33,6 +38,23 @@ def test_text_windows(tmp_path):
     path.write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match="held_out.txt: cannot read the held-out text"):
         data.text_windows(str(path), tokenizer, 4)
+
+
+def test_text_of_a_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = make_hub_cache(str(tmp_path / "hub"))
+    tokenizer = data.get_tokenizer("synthetic_words")
+    tokens, mask = data.text_windows("hf:acme/text_tiny?split=test", tokenizer, 4, cache_dir=cache)
+    expected, expected_mask = data.text_windows(str(write_text(tmp_path, "\n\n".join(TEXTS))), tokenizer, 4)
+    assert tokens.tolist() == expected.tolist() and mask.tolist() == expected_mask.tolist()
+    with pytest.raises(ValueError, match=r"hf:acme/columns_tiny\?split=train: .*expected a row with a 'text' string"):
+        data.text_windows("hf:acme/columns_tiny?split=train", tokenizer, 4, cache_dir=cache)
+
+
+def write_text(directory, text):
+    path = directory / "text.txt"
+    path.write_text(text)
+    return path
 
 
 @pytest.fixture(scope="module")
