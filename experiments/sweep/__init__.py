@@ -6,9 +6,9 @@ r"""Sweeps: every combination of `--grid` values × seeds, each a normal run in 
 Runs one after another in this process, each in WORKDIR/runs/<key=value,...,seed=S>/ (`config.seed` = S for S in
 0..seeds-1), then writes WORKDIR/results.csv (a row per run: its grid values, seed, status, workdir and the final
 metrics of its summary.json), WORKDIR/results.md (a Markdown table: a row per grid combination, the mean ± std over
-seeds of the held-out reward accuracy and margin and the samples' reward and KL) and WORKDIR/plots/<metric>.png: each final-stage metric against the last grid key
-(or --plot_x), a line per combination of the other keys, the mean over seeds with ± their sample standard
-deviation as error bars.
+seeds of the held-out reward accuracy and margin and the samples' reward and KL) and WORKDIR/plots/<metric>.png:
+each final-stage metric against the last grid key (or --plot_x), a line per combination of the other keys, the mean
+over seeds with ± their sample standard deviation as error bars.
 
 One SFT reference: with config.mode = 'sft_then_dpo' the SFT stage is trained once, in WORKDIR/sft (seed: the
 config's, or --sft_seed), and every run is a mode = 'dpo' run that starts from it and holds it as π_ref
