@@ -230,12 +230,16 @@ def test_killed_while_scoring_and_inside_a_round_the_rerun_ends_bitwise_equal(un
             os.path.join(iterative.round_directory(reference_dir, 2), name)).read()
 
 
-def test_online_dpo_one_batch_of_prompts_and_one_step_per_round(tmp_path):
+@pytest.mark.parametrize("optimizer", ["carry", "reset"])
+def test_online_dpo_one_batch_of_prompts_and_one_step_per_round(tmp_path, optimizer):
     config = make_iterative_config()
     config.iterative.update(rounds=3, prompts_per_round=config.train.batch_size, steps_per_round=1, eval_every=3,
-                            samples_per_prompt=2, reference="fixed")
+                            samples_per_prompt=2, reference="fixed", optimizer=optimizer)
     summary = run.train_and_evaluate(config, str(tmp_path))
     assert [r["steps"] for r in summary["rounds"]] == [0, 1, 2, 3]
     assert "samples/kl" in summary["rounds"][3] and "samples/kl" not in summary["rounds"][1]
-    steps = [r["step"] for r in read_metrics(str(tmp_path)) if r["stage"] == iterative.STAGE]
-    assert steps == [1, 2, 3]
+    records = [r for r in read_metrics(str(tmp_path)) if r["stage"] == iterative.STAGE]
+    assert [r["step"] for r in records] == [1, 2, 3]  # a reset round's steps continue the curve
+    # The last round's train state counts the steps of all rounds (carried) or of its own (reset).
+    final_step = final_params(str(tmp_path), 3)[0]
+    assert final_step == (3 if optimizer == "carry" else 1)
