@@ -209,9 +209,10 @@ def test_the_qwen3_config_is_valid_in_both_variants():
         qwen3.get_config("big")
 
 
-def write_gemma3_gguf(path):
+def write_gemma3_gguf(path, edit=None):
     """The gemma3 fixture as llama.cpp's converter writes a Gemma 3 GGUF: its tensor names, every norm as w + 1, Q
-    and K as they are (not permuted), no layer types / local base / query_pre_attn_scalar in the metadata."""
+    and K as they are (not permuted), no layer types / local base / query_pre_attn_scalar in the metadata;
+    `edit(writer)` adds metadata."""
     import gguf
 
     source = os.path.join(HF_FIXTURES, "gemma3")
@@ -232,6 +233,8 @@ def write_gemma3_gguf(path):
     writer.add_sliding_window(config["sliding_window"])
     writer.add_tokenizer_model("llama")
     writer.add_token_list(["<pad>", "<eos>", "<bos>"] + [f"t{i}" for i in range(config["vocab_size"] - 3)])
+    if edit is not None:
+        edit(writer)
     for name, array in load_file(os.path.join(source, "model.safetensors")).items():
         shift = 1.0 if name.endswith("norm.weight") else 0.0
         writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), (array + shift).astype(np.float32))
@@ -303,3 +306,14 @@ def test_yarn_blends_the_frequencies_and_scales_cos_and_sin():
         tokens, expected = golden["tokens"], golden["logits"]
     hidden, logits_fn = models.apply_model(unscaled, params, tokens)
     assert float(np.abs(np.asarray(logits_fn(hidden)) - expected).max()) > 100 * TOLERANCE
+
+
+def test_a_gemma3_gguf_sliding_window_pattern_sets_the_layer_types(tmp_path):
+    """An int pattern N (every N-th layer global) as transformers reads it; llama.cpp's per-layer list form is
+    refused naming the key."""
+    path = write_gemma3_gguf(tmp_path / "pattern2.gguf", lambda writer: writer.add_sliding_window_pattern(2))
+    assert models.read_hf_config(path).layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    listed = write_gemma3_gguf(tmp_path / "listed.gguf",
+                               lambda writer: writer.add_array("gemma3.attention.sliding_window_pattern", [True] * 3))
+    with pytest.raises(ValueError, match=r"gemma3.attention.sliding_window_pattern = \[True, True, True\] is not supported"):
+        models.read_hf_config(listed)

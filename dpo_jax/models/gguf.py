@@ -167,8 +167,12 @@ def _config_of(reader: gguf.GGUFReader, path: str) -> Any:
     if architecture == "gemma3":
         # The global base and window are in the metadata; layer types, the local base (10,000) and
         # query_pre_attn_scalar (256) are not: transformers' defaults, as its own GGUF loader leaves them.
+        pattern = _field(reader, key(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN), 6)
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:  # llama.cpp's per-layer list form
+            raise ValueError(f"{path}: {key(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)} = {pattern!r} is not "
+                             "supported (only a positive int: every N-th layer global)")
         return transformers.Gemma3TextConfig(
-            **common, hidden_activation="gelu_pytorch_tanh",
+            **common, hidden_activation="gelu_pytorch_tanh", sliding_window_pattern=pattern,
             sliding_window=_field(reader, key(gguf.Keys.Attention.SLIDING_WINDOW), 4096),
             rope_parameters={"full_attention": rope_parameters,
                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
