@@ -18,7 +18,7 @@ from absl import logging
 from flax import nnx
 
 from dpo_jax import config as config_lib
-from dpo_jax import data, lora, losses, models, reference_cache, rewards, sharding
+from dpo_jax import checkpoint, data, lora, losses, models, reference_cache, rewards, sharding
 from dpo_jax.optimizer import make_optimizer
 from dpo_jax.perplexity import PerplexityCheck
 from dpo_jax.sample_eval import SampleEvaluator
@@ -122,6 +122,13 @@ def build_model(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding
         params = jax.device_put(init(), shardings) if mesh.size == 1 else jax.jit(init, out_shardings=shardings)()
     logging.info("model: %s", model_config)
     return graphdef, params, model_config
+
+
+def sft_params(workdir: str, model_config: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The final params of `workdir`'s SFT stage, on their shardings (a DPO run's π_ref, or a LoRA run's base)."""
+    family = models.family_of(model_config).name
+    abstract = sharding.abstract_params(models.abstract_model(model_config)[1], family, mesh)
+    return checkpoint.load_final_params(workdir, "sft", abstract)
 
 
 def attach_lora(config: ml_collections.ConfigDict, graphdef: Any, params: Any, family: str,

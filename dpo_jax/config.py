@@ -339,10 +339,8 @@ def _validate_lora(config: ml_collections.ConfigDict) -> None:
     _choice(config, "model.lora.base_quantization", lora.QUANTIZATIONS)
     _check(config.mode in ("dpo", "precompute_ref"), "model.lora.enabled",
            f"False with config.mode = {config.mode!r}: LoRA trains the DPO stage of a base model (mode 'dpo', or "
-           "'precompute_ref' for its reference cache), π_ref being the base with the adapters off", True)
-    _check(not config.dpo.reference_workdir, "model.lora.enabled",
-           f"False with dpo.reference_workdir = {config.dpo.reference_workdir!r}: the adapters' base (and π_ref) "
-           "is model.path's checkpoint or the random model", True)
+           "'precompute_ref' for its reference cache), π_ref being the base with the adapters off; for an SFT "
+           "base, run mode 'sft' first and give its workdir as dpo.reference_workdir", True)
     _check(config.model.reference_dtype == "float32", "model.lora.enabled",
            f"False with model.reference_dtype = {config.model.reference_dtype!r}: π_ref is the base itself, kept "
            "once (store it smaller with model.lora.base_quantization)", True)

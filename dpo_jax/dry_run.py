@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from dpo_jax import build, data, losses, models, sharding
+from dpo_jax import build, data, lora, losses, models, sharding
 from dpo_jax.optimizer import make_optimizer
 from dpo_jax.step import TrainState
 
@@ -46,8 +46,14 @@ def bytes_per_device(tree: Any, family: str, mesh: AbstractMesh) -> int:
         for dim, axes in enumerate(fitted):
             names = (axes,) if isinstance(axes, str) else tuple(axes or ())
             shard[dim] //= math.prod(mesh.shape[name] for name in names)
-        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+        total += math.prod(shard) * _bits(leaf.dtype) // 8
     return total
+
+
+def _bits(dtype: Any) -> int:
+    """Bits of one element (4 for the NF4 codes of a QLoRA base, packed two a byte on accelerators)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize * 8
 
 
 def activation_bytes(model_config: Any, config: ml_collections.ConfigDict, mesh: AbstractMesh) -> int:
@@ -113,23 +119,41 @@ def report(config: ml_collections.ConfigDict) -> str:
     uses_reference = losses.uses_reference(loss_name, build.loss_params(config)) and not config.ref.cache
     ref_dtype = jnp.dtype(config.model.reference_dtype)
     ref_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype), params) if uses_reference else None
-    rows = {
-        "params (float32)": bytes_per_device(params, family, mesh),
-        "optimizer state": bytes_per_device(state.opt_state, family, mesh),
-        "gradients (float32)": bytes_per_device(params, family, mesh),
-        f"reference params ({'ref.cache: none' if config.ref.cache else ref_dtype.name})": bytes_per_device(ref_params, family, mesh) if uses_reference else 0,
-        f"activations (estimate, remat={model_config.remat})": activation_bytes(model_config, config, mesh),
-    }
+    if config.model.lora.enabled:  # the adapters train; the base, stored once, is also π_ref
+        settings = lora.LoraSettings.from_config(config.model.lora)
+        graphdef, ref_params, params = lora.attach(graphdef, params, settings, config.seed)
+        state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
+        rows = {
+            f"base params ({settings.base_quantization if settings.base_quantization != 'none' else 'float32'}; "
+            "also π_ref)": bytes_per_device(ref_params, family, mesh),
+            f"LoRA adapters (rank {settings.rank}, float32)": bytes_per_device(params, family, mesh),
+            "optimizer state (adapters)": bytes_per_device(state.opt_state, family, mesh),
+            "gradients (adapters, float32)": bytes_per_device(params, family, mesh),
+            f"activations (estimate, remat={model_config.remat})": activation_bytes(model_config, config, mesh),
+        }
+    else:
+        rows = {
+            "params (float32)": bytes_per_device(params, family, mesh),
+            "optimizer state": bytes_per_device(state.opt_state, family, mesh),
+            "gradients (float32)": bytes_per_device(params, family, mesh),
+            f"reference params ({'ref.cache: none' if config.ref.cache else ref_dtype.name})": bytes_per_device(ref_params, family, mesh) if uses_reference else 0,
+            f"activations (estimate, remat={model_config.remat})": activation_bytes(model_config, config, mesh),
+        }
     if build.reference_sync(config, stage) is not None and uses_reference:  # the train state's moving copy
         rows[f"TR-DPO's moving π_ref ({ref_dtype.name})"] = bytes_per_device(ref_params, family, mesh)
     total = sum(rows.values())
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    if config.model.lora.enabled:
+        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(models.abstract_model(model_config)[1]))
     lines = [
         f"dry run: {type(model_config).__name__} with {num_params:,} parameters, {config.train.batch_size} "
         f"{'pairs' if loss_name != 'sft' else 'rows'} × {config.data.max_length} tokens a step "
         f"(grad_accum_steps={config.train.grad_accum_steps}), compute {model_config.dtype}",
         f"mesh: {dict(mesh.shape)} = {mesh.size} devices; per device:",
     ]
+    if config.model.lora.enabled:
+        trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        lines.insert(1, f"LoRA: {trainable:,} trainable parameters ({100 * trainable / num_params:.2f}%)")
     lines += [f"  {name:46s}{_size(value)}" for name, value in rows.items()]
     lines.append(f"  {'total':46s}{_size(total)}")
     temporaries = compiled_temporaries(config, stage, graphdef, family, tuple(mesh.shape.values()), params, ref_params)

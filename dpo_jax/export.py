@@ -5,7 +5,8 @@
 
 Reads the architecture from the checkpoint's own metadata, the params alone (not the optimizer state), and
 the run's tokenizer; writes config.json, safetensors and the tokenizer files with `models.save_hf`. A LoRA run's
-checkpoint holds adapters only: its base is rebuilt as the run built it (model.path, or the seeded random model),
+checkpoint holds adapters only: its base is rebuilt as the run built it (model.path, dpo.reference_workdir's SFT
+params, or the seeded random model),
 checked against the fingerprint the checkpoint recorded, and either merged (base + alpha/r·A·B, dequantised if
 stored quantised: `--format=merged`, the default) or the adapters written as a PEFT adapter directory
 (`--format=peft`: adapter_config.json + adapter_model.safetensors) for `peft` to load onto the base.
@@ -64,6 +65,8 @@ def _lora_params(workdir, stage, step, meta, model_config, tokenizer, out_dir, e
     config.train.update(batch_size=1, grad_accum_steps=1, eval_batch_size=1)  # the mesh check only
     mesh = build.make_mesh(config)
     graphdef, plain, _ = build.build_model(config, tokenizer, mesh)
+    if config.dpo.reference_workdir:  # the base: that run's final SFT params
+        plain = build.sft_params(config.dpo.reference_workdir, model_config, mesh)
     settings = lora.LoraSettings.from_config(config.model.lora)
     fingerprint = lora.base_fingerprint(plain, settings)
     checkpoint.check_base(meta, {"path": config.model.path, "fingerprint": fingerprint},

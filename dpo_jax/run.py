@@ -216,9 +216,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             graphdef, params, model_config = build.build_model(config, tokenizer, mesh)
         lora_base = None
         if config.model.lora.enabled:  # params: the base (π_ref) and the adapters
+            if config.dpo.reference_workdir:  # the base: that run's final SFT params
+                with user_errors("config.dpo.reference_workdir"):
+                    params = build.sft_params(config.dpo.reference_workdir, model_config, mesh)
             graphdef, params, fingerprint = build.attach_lora(
                 config, graphdef, params, models.family_of(model_config).name, mesh)
-            lora_base = {"path": config.model.path, "fingerprint": fingerprint}
+            lora_base = {"path": config.dpo.reference_workdir or config.model.path, "fingerprint": fingerprint}
         writer = (MetricsWriter(workdir, tuple(config.train.loggers), config.to_dict(), config.train.wandb_project,
                                 config.train.wandb_entity) if main else NullWriter())
         with user_errors(f"config.eval.reward = {config.eval.reward!r}"):
@@ -293,6 +296,8 @@ def _dpo_start_params(run: RunContext, params: Any, tokenizer=None) -> Any:
     this workdir), dpo.reference_workdir's, or else `params` (config.model's; rebuilt when None)."""
     config = run.config
     workdir = run.workdir if config.mode == "sft_then_dpo" else config.dpo.reference_workdir
+    if run.lora_base is not None and params is not None:  # the base with its adapters, built at the start
+        return params
     if workdir:
         abstract = sharding.abstract_params(models.abstract_model(run.model_config)[1], run.family, run.mesh)
         with user_errors("config.dpo.reference_workdir" if workdir != run.workdir else "the sft stage's checkpoint"):

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from conftest import HF_FIXTURES, interrupt_stage_at, make_short_config
-from dpo_jax import build, checkpoint, data, export, lora, losses, models, run, sharding, step
+from dpo_jax import build, checkpoint, data, dry_run, export, lora, losses, models, run, sharding, step
 from dpo_jax.config import ConfigError, validate
 from dpo_jax.errors import UserError
 from test_step import random_batch
@@ -28,6 +28,19 @@ VOCAB = 17
 SETTINGS = lora.LoraSettings(rank=4, alpha=8.0)
 LORA_OVERRIDES = dict(enabled=True, rank=4, alpha=8.0)
 FIXTURE = os.path.join(HF_FIXTURES, "llama")  # the base: a tiny Llama checkpoint with its BPE tokenizer
+PEFT_FIXTURE = os.path.join(REPO, "tests", "fixtures", "lora_peft")  # tests/fixtures/make_lora_peft_fixture.py
+PEFT_TOKENS = np.asarray([[1, 5, 9, 200, 33, 7, 64, 2], [3, 100, 12, 4, 90, 11, 8, 250]], np.int32)
+
+
+def fixture_adapter():
+    """(model config, settings, adapted graphdef, base, adapters): a rank-2 adapter on the q, v and down projections
+    of the Llama fixture with B moved off zero (seeded), the adapter the PEFT fixture holds."""
+    graphdef, params, model_config = models.load_hf(FIXTURE)
+    settings = lora.LoraSettings(rank=2, alpha=4.0, targets=r"(self_attn/[qv]_proj|mlp/down_proj)$")
+    adapted, base, adapters = lora.attach(graphdef, params, settings, seed=0)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(adapters))))
+    adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), adapters)
+    return model_config, settings, adapted, base, adapters
 
 
 def tiny_model(scan_layers=False, seed=0):
@@ -298,3 +311,31 @@ def test_lora_adapters_saved_on_one_device_resume_on_a_mesh(lora_run, tmp_path):
     assert checkpoint.read_meta(workdir, "dpo")[0] == 5 and expected.keys() == got.keys()
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-6, rtol=0, err_msg=key)
+
+
+def test_the_dry_run_counts_the_adapters_alone_as_trained_and_the_base_once():
+    config = make_short_config()
+    config.update(mode="dpo", dry_run=True)
+    config.model.lora.update(enabled=True, rank=16, base_quantization="int8")
+    text = dry_run.report(config)
+    # per layer Σ (in + out)·r over q, k, v, o (64→64, 64→32, 64→32, 64→64) and gate, up, down (64→128 ×2, 128→64)
+    assert "LoRA: 32,768 trainable parameters" in text  # 2 layers × 1024 × 16, counted by hand
+    assert "base params (int8; also π_ref)" in text and "reference params" not in text
+    assert "optimizer state (adapters)" in text and "gradients (adapters, float32)" in text
+
+
+def test_peft_loads_our_adapter_export_to_the_same_model(tmp_path):
+    """peft (in the fixture script, with torch) loaded our PEFT export onto the base; its logits are the golden ones."""
+    model_config, settings, adapted, base, adapters = fixture_adapter()
+    lora.save_peft(adapters, model_config, settings, str(tmp_path), "tests/fixtures/hf/llama")
+    exported = load_file(str(tmp_path / "adapter_model.safetensors"))
+    committed = load_file(os.path.join(PEFT_FIXTURE, "adapter_model.safetensors"))
+    assert exported.keys() == committed.keys()
+    for name in committed:
+        np.testing.assert_array_equal(exported[name], committed[name], err_msg=name)
+    with open(tmp_path / "adapter_config.json") as f, open(os.path.join(PEFT_FIXTURE, "adapter_config.json")) as g:
+        assert json.load(f) == json.load(g)
+    golden = np.load(os.path.join(PEFT_FIXTURE, "golden.npz"))
+    assert int(golden["num_adapted"]) == 6  # q, v, down of 2 layers: peft adapted exactly these
+    hidden, logits_fn = models.apply_model(adapted, lora.combine(base, adapters), jnp.asarray(PEFT_TOKENS))
+    np.testing.assert_allclose(logits_fn(hidden), golden["logits"], atol=1e-4)
