@@ -75,7 +75,7 @@ def test_model_path_is_checked_up_front(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.model\.path = .* is invalid: .*config\.json: missing"):
         validate(config)
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
-    with pytest.raises(ConfigError, match=r"model_type 't5' is not supported; supported: gpt2, gpt_neox, gptj"):
+    with pytest.raises(ConfigError, match=r"model_type 't5' is not supported; supported: gemma2, gemma3, gemma3_text, gpt2"):
         validate(config)
     # With a path, the family and size fields are not the architecture, so they are not validated.
     config.model.path = os.path.join(REPO, "tests", "fixtures", "hf", "gpt2")
