@@ -339,3 +339,23 @@ def test_peft_loads_our_adapter_export_to_the_same_model(tmp_path):
     assert int(golden["num_adapted"]) == 6  # q, v, down of 2 layers: peft adapted exactly these
     hidden, logits_fn = models.apply_model(adapted, lora.combine(base, adapters), jnp.asarray(PEFT_TOKENS))
     np.testing.assert_allclose(logits_fn(hidden), golden["logits"], atol=1e-4)
+
+
+def test_a_lora_run_takes_its_base_from_an_sft_workdir(tmp_path):
+    sft_config = make_short_config()
+    sft_config.mode = "sft"
+    sft = str(tmp_path / "sft")
+    run.train_and_evaluate(sft_config, sft)
+    config = make_short_config()
+    config.update(mode="dpo")
+    config.dpo.reference_workdir = sft
+    config.model.lora.update(**LORA_OVERRIDES)
+    summary = run.train_and_evaluate(config, str(tmp_path / "dpo"))
+    assert summary["dpo_initial"]["rewards/margins"] == 0 and summary["dpo"]["rewards/margins"] != 0
+    _, meta = checkpoint.read_meta(str(tmp_path / "dpo"), "dpo")
+    assert meta["lora_base"]["path"] == sft
+    # π_ref is the SFT model: its eval log-probs at DPO step 0 are the SFT stage's final ones
+    sft_final = [json.loads(line) for line in open(os.path.join(sft, "metrics.jsonl"))]
+    dpo_initial = summary["dpo_initial"]["logps/chosen"]
+    assert dpo_initial == pytest.approx([r for r in sft_final if "eval/logps/chosen" in r][-1]["eval/logps/chosen"],
+                                        abs=1e-4)
