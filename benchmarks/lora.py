@@ -87,6 +87,9 @@ def demo() -> None:
             "LoRA r=4, alpha=8 (RMSprop 1e-3)": {"model.lora.enabled": True, "model.lora.rank": 4,
                                                  "model.lora.alpha": 8.0, "dpo.learning_rate": 1e-3},
             "LoRA r=16, alpha=32 (RMSprop 1e-3)": {"model.lora.enabled": True, "dpo.learning_rate": 1e-3},
+            "LoRA r=16, alpha=32 (RMSprop 3e-4)": {"model.lora.enabled": True, "dpo.learning_rate": 3e-4},
+            "LoRA r=64, alpha=128 (RMSprop 3e-4)": {"model.lora.enabled": True, "model.lora.rank": 64,
+                                                    "model.lora.alpha": 128.0, "dpo.learning_rate": 3e-4},
         }
         for name, overrides in variants.items():
             workdir = os.path.join(root, f"dpo{len(os.listdir(root))}")
