@@ -58,6 +58,7 @@ class LoraSettings:
 
     @property
     def scale(self) -> float:
+        """alpha / rank, the factor of the adapters' update."""
         return self.alpha / self.rank
 
 
