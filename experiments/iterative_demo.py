@@ -4,6 +4,7 @@
     python experiments/iterative_demo.py compare --out=/tmp/iterative_demo --seeds=0,1,2 [--eval_temperature=1]
     python experiments/iterative_demo.py online --out=/tmp/iterative_online --rounds=30
     python experiments/iterative_demo.py table /tmp/iterative_demo
+    python experiments/iterative_demo.py plot /tmp/iterative_demo --png=docs/images/iterative_demo.png
 
 `compare`, per seed: Preferred-FT once (the demo's 300 steps), then from it (π_ref and the start of both)
 - offline: mode dpo on the demo's 2048 labelled pairs for 300 steps, eval every 75 steps;
@@ -136,14 +137,37 @@ def table(out: str) -> None:
                   f"{r['curve'][-1][1]:.3f} | {curve} | {r['seconds'] / 60:.1f} |")
 
 
+def plot(out: str, path: str) -> None:
+    """Reward against KL to the SFT model over training, offline (one line per seed) and iterative, into `path`."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    for name in sorted(os.listdir(out)):
+        result = os.path.join(out, name, "result.json")
+        if not os.path.exists(result):
+            continue
+        row = json.load(open(result))
+        for method, style in (("offline", "s--C0"), ("iterative", "o-C1")):
+            _, kl, reward = zip(*row[method]["curve"])
+            ax.plot(kl, reward, style, label=method if row["seed"] == 0 else None, alpha=0.8)
+    ax.set(xlabel="KL(policy ‖ SFT model) of samples", ylabel="mean reward of samples (T = 1)",
+           title="demo: 300 steps, ~2048 labelled pairs each")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=("compare", "online", "table"))
+    parser.add_argument("command", choices=("compare", "online", "table", "plot"))
     parser.add_argument("out", nargs="?")
     parser.add_argument("--out", dest="out_flag")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--eval_temperature", type=float, default=0.0)
+    parser.add_argument("--png", default="docs/images/iterative_demo.png")
     args = parser.parse_args()
     EVAL_TEMPERATURE[0] = args.eval_temperature
     out = args.out_flag or args.out
@@ -152,6 +176,8 @@ def main() -> None:
         compare(out, [int(s) for s in args.seeds.split(",")])
     elif args.command == "online":
         online(out, args.rounds)
+    elif args.command == "plot":
+        plot(out, args.png)
     else:
         table(out)
 
