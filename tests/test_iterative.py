@@ -5,11 +5,14 @@ no usable pairs, a reward that cannot score, a judge that keeps failing, bad con
 
 import json
 import os
+import re
+import threading
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import _DieAt, make_short_config
+from test_judges import JudgeServer, chat_response
 
 from dpo_jax import checkpoint, config as config_lib, data, iterative, judges, run
 from dpo_jax.data.generated import encode_generated_pair
@@ -121,6 +124,43 @@ def test_a_judge_failing_beyond_its_retries_stops_the_round_pointing_at_its_verd
     with pytest.raises(judges.JudgeError, match="round 2: the judge failed: .*HTTP 503.* cached in "
                                                 "/w/judge_cache.jsonl: rerun the same command to resume"):
         iterative.judge_scores(_Judge(fail=True), 2, samples, 2, "/w")
+
+
+def test_an_llm_judge_failing_mid_round_resumes_from_its_verdict_cache(tmp_path, monkeypatch):
+    """Three samples of one prompt: the endpoint answers two comparisons, then fails; the rerun asks only the third,
+    and each sample's score is its wins (the fake judge prefers the longer summary)."""
+    server = JudgeServer()
+    threading.Thread(target=server.httpd.serve_forever, daemon=True).start()
+    answered, lock = [], threading.Lock()
+
+    def longer_wins(payload, fail_after=None):
+        first, second = re.search(r"Summary A:\n(.*)\n\nSummary B:\n(.*)\n\nFIRST", payload["messages"][0]["content"],
+                                  re.DOTALL).groups()
+        with lock:
+            if fail_after is not None and len(answered) >= fail_after:
+                return 503, {}, "overloaded"
+            answered.append((first, second))
+        label = "A" if len(first) > len(second) else "B"
+        return chat_response(f"Comparison: {label} says more.\nPreferred: {label}")
+
+    monkeypatch.setenv("ITERATIVE_TEST_KEY", "sk-test")
+    config = make_iterative_config()
+    config.iterative.update(judge="llm", judge_url=server.url, judge_model="m", judge_api_key_env="ITERATIVE_TEST_KEY",
+                            judge_max_retries=0, samples_per_prompt=3)
+    config_lib.validate(config)
+    samples = [{"prompt": "post", "completion": text} for text in ("a b", "a b c d", "a")]
+    try:
+        server.reset(lambda payload: longer_wins(payload, fail_after=2))
+        with pytest.raises(judges.JudgeError, match="round 1: the judge failed: .*HTTP 503.*rerun"):
+            iterative.make_scorer(config, str(tmp_path))(1, samples)
+        assert len(answered) == 2
+        server.reset(longer_wins)
+        scores = iterative.make_scorer(config, str(tmp_path))(1, samples)
+        assert len(server.requests) == 1 and len(answered) == 3
+        assert scores.tolist() == [[1.0, 2.0, 0.0]]
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
 
 
 @pytest.mark.parametrize("key, value, message", [
