@@ -31,6 +31,7 @@ from absl import logging
 from dpo_jax import build, checkpoint, data, judges, models, rewards, sharding
 from dpo_jax.data.generated import encode_generated_pair
 from dpo_jax.errors import UserError, user_errors
+from dpo_jax.metrics_writer import read_metrics
 from dpo_jax.sampling import SamplingSettings, sample
 
 STAGE = "iterative_dpo"  # the training steps' stage in metrics.jsonl (one curve over all rounds)
@@ -96,14 +97,26 @@ def build_pairs(scores: np.ndarray, pairs: str, margin: float) -> tuple[list[tup
 
 
 class _RoundWriter:
-    """The run's writer as a round's DPO stage sees it: its stage logged as STAGE, its steps shifted by `offset` (a
-    round of `iterative.optimizer = reset` counts from 0), so all rounds draw one curve."""
+    """The run's writer as the rounds' DPO stages see it: their stage logged as STAGE, their steps shifted by `offset`
+    (a round of `iterative.optimizer = reset` counts from 0), so all rounds draw one curve."""
 
-    def __init__(self, writer: Any, offset: int):
-        self.writer, self.offset = writer, offset
+    def __init__(self, writer: Any):
+        self.writer, self.offset = writer, 0
+        self._truncated: set[str] = set()
 
     def truncate(self, stage: str, step: int) -> None:
-        self.writer.truncate(STAGE, step + self.offset)
+        self.truncate_as(STAGE, step + self.offset)
+
+    def truncate_as(self, stage: str, step: int) -> None:
+        """The run's writer's truncate (which rebuilds `stage`'s tracking runs from metrics.jsonl) the first time in
+        this process, and later only when metrics.jsonl holds records of `stage` past `step`: not once a round, whose
+        cost would grow with the rounds."""
+        path = getattr(self.writer, "path", None)
+        if stage in self._truncated and not (path and os.path.exists(path) and any(
+                r["stage"] == stage and r["step"] > step for r in read_metrics(os.path.dirname(path)))):
+            return
+        self._truncated.add(stage)
+        self.writer.truncate(stage, step)
 
     def write(self, stage: str, step: int, metrics: Any) -> None:
         self.writer.write(STAGE, step + self.offset, metrics)
@@ -298,7 +311,7 @@ def _evaluate(run: Any, params: Any, initial: Any, round_: int) -> dict[str, flo
 
 
 def run_round(run: Any, train_stage: Callable, tokenizer, scorer: Callable, prompts: list[np.ndarray],
-              policy: Any, initial: Any, round_: int) -> tuple[Any, dict]:
+              policy: Any, initial: Any, round_: int, writer: _RoundWriter) -> tuple[Any, dict]:
     """Round `round_` from where its directory says it stopped: sample, score, pair, train, evaluate. Returns the
     round's final params and its record."""
     config, section = run.config, run.config.iterative
@@ -332,10 +345,10 @@ def run_round(run: Any, train_stage: Callable, tokenizer, scorer: Callable, prom
 
     training_started = time.perf_counter()
     round_config = _round_config(config, round_)
-    offset = 0 if section.optimizer == "carry" else (round_ - 1) * section.steps_per_round
+    writer.offset = 0 if section.optimizer == "carry" else (round_ - 1) * section.steps_per_round
     round_run = dataclasses.replace(
         run, config=round_config, workdir=directory, data=dataclasses.replace(run.data, train=examples),
-        writer=_RoundWriter(run.writer, offset), evaluator=None, perplexity=None)
+        writer=writer, evaluator=None, perplexity=None)
     reference = initial if section.reference == "fixed" else policy
     carry = _carried_state(run, round_) if section.optimizer == "carry" and round_ > 1 else None
     params, _, final = train_stage(round_run, "dpo", policy, reference, initial_state=carry)
@@ -349,9 +362,9 @@ def run_round(run: Any, train_stage: Callable, tokenizer, scorer: Callable, prom
     return params, record
 
 
-def _record_round(run: Any, round_: int, record: dict) -> None:
+def _record_round(run: Any, writer: _RoundWriter, round_: int, record: dict) -> None:
     """The round's line of metrics.jsonl (stage `rounds`) and its round.json, which marks it done."""
-    run.writer.truncate(ROUNDS_STAGE, round_ - 1)  # a line a killed run wrote before round.json
+    writer.truncate_as(ROUNDS_STAGE, round_ - 1)  # a line a killed run wrote before round.json
     run.writer.write(ROUNDS_STAGE, round_, {k: v for k, v in record.items() if k != "round"})
     run.writer.flush()
     _write_json(os.path.join(round_directory(run.workdir, round_), ROUND_FILE), record)
@@ -364,11 +377,11 @@ def run_rounds(run: Any, start: Any, tokenizer, train_stage: Callable) -> dict[s
     scorer = make_scorer(config, run.workdir)
     initial = build.reference_params(start, config.model.reference_dtype)
     prompts = train_prompts(run.data.train)
-    records = []
+    records, writer = [], _RoundWriter(run.writer)
     initial_file = round_directory(run.workdir, 0)
     if not os.path.exists(os.path.join(initial_file, ROUND_FILE)):
         os.makedirs(initial_file, exist_ok=True)
-        _record_round(run, 0, {"round": 0, "steps": 0.0, **_evaluate(run, start, initial, 0)})
+        _record_round(run, writer, 0, {"round": 0, "steps": 0.0, **_evaluate(run, start, initial, 0)})
     with open(os.path.join(initial_file, ROUND_FILE)) as f:
         records.append(json.load(f))
     policy = start
@@ -381,8 +394,8 @@ def run_rounds(run: Any, start: Any, tokenizer, train_stage: Callable) -> dict[s
             continue
         if policy is None:
             policy = _round_params(run, round_ - 1)
-        policy, record = run_round(run, train_stage, tokenizer, scorer, prompts, policy, initial, round_)
-        _record_round(run, round_, record)
+        policy, record = run_round(run, train_stage, tokenizer, scorer, prompts, policy, initial, round_, writer)
+        _record_round(run, writer, round_, record)
         records.append(record)
         if not section.keep_round_checkpoints and round_ > 1 and sharding.is_main_process():
             shutil.rmtree(checkpoint.stage_directory(round_directory(run.workdir, round_ - 1), "dpo"),
