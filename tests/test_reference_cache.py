@@ -136,5 +136,5 @@ def test_config_rules_for_the_cache():
         validate(config)
     config = dpo_config("/tmp/cache")
     config.loss.name = "kto"
-    with pytest.raises(ConfigError, match="reference point pairs completions"):
+    with pytest.raises(ConfigError, match="trains on unpaired completions, whose π_ref log-probs no cache holds"):
         validate(config)
