@@ -74,7 +74,10 @@ class ReferenceSync:
 
 
 def _completion_lengths(rows: data.Rows, num_slots: int) -> jax.Array:
-    """Tokens scored in each of the K completions of each row [B, K], from the batch alone (before any forward)."""
+    """Tokens scored in each of the K completions of each row [B, K], from the batch alone (before any forward);
+    packed rows number the K completions across the batch: [1, K]."""
+    if rows.segment_ids_BxT is not None:
+        return sequence_sums(jnp.zeros(rows.slots_BxN.shape), rows.slots_BxN, num_slots)[1][None]
     if rows.completion_only:
         return (rows.slots_BxN[..., None] == jnp.arange(num_slots)).sum(axis=1)
     return rows.loss_mask_BxT[:, 1:].sum(axis=-1)[:, None]
@@ -119,12 +122,11 @@ def make_pair_logps(graphdef: Any, chunk_size: int) -> Callable[..., tuple[list,
                    scope: str = "policy", ld_alpha: float = 1.0):
         if isinstance(batch, data.PackedBatch):  # slot p: pair p's chosen, P + p its rejected, in whichever row
             P, rows = batch.pair_ids.shape[0], batch.rows
-            prefix_2P = None
+            prefix_1x2P = None
             if ld_alpha != 1.0:
-                lengths_2P = sequence_sums(jnp.zeros(rows.slots_BxN.shape), rows.slots_BxN, 2 * P)[1]
-                shared_P = losses.ld_shared_lengths(lengths_2P[:P], lengths_2P[P:])
-                prefix_2P = jnp.concatenate([shared_P, shared_P])
-            prefix_1x2P = None if prefix_2P is None else prefix_2P[None]
+                lengths_1x2P = _completion_lengths(rows, 2 * P)
+                shared_1xP = losses.ld_shared_lengths(lengths_1x2P[:, :P], lengths_1x2P[:, P:])
+                prefix_1x2P = jnp.concatenate([shared_1xP, shared_1xP], axis=1)
             sums_1x2P, lengths_1x2P = sequence_logps(params, rows, 2 * P, scope, prefix_1x2P, ld_alpha)
             return [sums_1x2P[0, :P], sums_1x2P[0, P:]], [lengths_1x2P[0, :P], lengths_1x2P[0, P:]]
         if isinstance(batch, data.SharedPromptBatch):
